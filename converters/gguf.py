@@ -1,0 +1,134 @@
+"""GGUF exporter: packs a compressed Llama :class:`~edgekit.model.Model` into a llama.cpp GGUF file.
+
+Metadata, tensor layout and file writing go through ``gguf.GGUFWriter``. The only hand-written part
+is packing edgekit's own integers and scales into GGML block bytes (``pack_q4_0`` / ``pack_q8_0``):
+gguf's quantizers take floats and choose their own scales, which would discard the numbers a
+data-aware pass chose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.converters.gguf_layout import gguf_names, permute_qk, qk_heads
+from edgekit.model import BlockQuant, Cast, Model
+
+
+def pack_q4_0(bq: BlockQuant) -> np.ndarray:
+    """GGML Q4_0 blocks: fp16 d, then 16 bytes whose low nibbles hold q[0:16] and high nibbles q[16:32], each +8."""
+    assert bq.bits == 4 and bq.block_size == 32
+    rows, cols = bq.shape
+    nb = cols // 32
+    nib = (bq.q.reshape(rows, nb, 32).astype(np.int16) + 8).astype(np.uint8)
+    qs = nib[..., :16] | (nib[..., 16:] << 4)
+    d = bq.scales.astype(np.float16).reshape(rows, nb, 1).view(np.uint8)
+    return np.concatenate([d, qs], axis=-1).reshape(rows, nb * 18)
+
+
+def pack_q8_0(bq: BlockQuant) -> np.ndarray:
+    """GGML Q8_0 blocks: fp16 d, then 32 int8 values."""
+    assert bq.bits == 8 and bq.block_size == 32
+    rows, cols = bq.shape
+    nb = cols // 32
+    d = bq.scales.astype(np.float16).reshape(rows, nb, 1).view(np.uint8)
+    qs = bq.q.reshape(rows, nb, 32).view(np.uint8)
+    return np.concatenate([d, qs], axis=-1).reshape(rows, nb * 34)
+
+
+def _permute_rows(bq: BlockQuant, heads: int) -> BlockQuant:
+    # the q/k permutation moves whole rows, so integers and scales move with them unchanged
+    return BlockQuant(permute_qk(bq.q, heads), permute_qk(bq.scales, heads), bq.bits, bq.block_size)
+
+
+def encode_tensor(model: Model, hf_name: str) -> tuple[np.ndarray, Any, str]:
+    """(array to write, GGML type or None for plain float arrays, type name) for one tensor."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    enc = model.encoding(hf_name)
+    heads = qk_heads(hf_name, model.spec)
+    if isinstance(enc, BlockQuant):
+        if heads is not None:
+            enc = _permute_rows(enc, heads)
+        if enc.bits == 4 and enc.block_size == 32:
+            return pack_q4_0(enc), T.Q4_0, "Q4_0"
+        if enc.bits == 8 and enc.block_size == 32:
+            return pack_q8_0(enc), T.Q8_0, "Q8_0"
+        raise ValueError(f"GGUF has no block type for {enc.bits}-bit blocks of {enc.block_size}")
+    arr = model.tensors[hf_name]
+    if heads is not None:
+        arr = permute_qk(arr, heads)
+    if isinstance(enc, Cast) and enc.dtype == "f16":
+        return np.ascontiguousarray(arr, dtype=np.float16), None, "F16"
+    return np.ascontiguousarray(arr, dtype=np.float32), None, "F32"
+
+
+def _file_type(type_names: list[str]) -> int:
+    import gguf
+
+    F = gguf.LlamaFileType
+    for t, ft in (("Q4_0", F.MOSTLY_Q4_0), ("Q8_0", F.MOSTLY_Q8_0), ("F16", F.MOSTLY_F16)):
+        if t in type_names:
+            return int(ft)
+    return int(F.ALL_F32)
+
+
+class GGUFExporter:
+    """Writes ``model.gguf`` (llama architecture, tokenizer and chat template carried over)."""
+
+    name = "gguf"
+    filename = "model.gguf"
+    runtime = "llamacpp"
+
+    def supports(self, model: Model) -> str | None:
+        """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        for n in model.tensors:
+            enc = model.encoding(n)
+            if isinstance(enc, BlockQuant) and (enc.block_size, enc.bits) not in ((32, 4), (32, 8)):
+                return f"{n}: {enc.bits}-bit blocks of {enc.block_size} have no GGUF type"
+        return None
+
+    def export(self, model: Model, out_dir: Path) -> dict[str, Any]:
+        import gguf
+
+        spec = model.spec
+        path = Path(out_dir) / self.filename
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_name(model.name)
+        writer.add_context_length(spec.max_position)
+        writer.add_embedding_length(spec.hidden_size)
+        writer.add_block_count(spec.num_layers)
+        writer.add_feed_forward_length(spec.intermediate_size)
+        writer.add_head_count(spec.num_heads)
+        writer.add_head_count_kv(spec.num_kv_heads)
+        writer.add_rope_freq_base(spec.rope_theta)
+        writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+        writer.add_rope_dimension_count(spec.head_dim)
+        writer.add_vocab_size(spec.vocab_size)
+        if spec.head_dim * spec.num_heads != spec.hidden_size:
+            writer.add_key_length(spec.head_dim)
+            writer.add_value_length(spec.head_dim)
+        for key, kv in model.tokenizer.items():
+            vtype = gguf.GGUFValueType[kv["type"]]
+            sub = gguf.GGUFValueType[kv["sub"]] if kv.get("sub") else None
+            writer.add_key_value(key, kv["value"], vtype, sub_type=sub)
+
+        types: dict[str, str] = {}
+        for hf_name, gguf_name in gguf_names(spec).items():
+            arr, raw_dtype, tname = encode_tensor(model, hf_name)
+            types[gguf_name] = tname
+            writer.add_tensor(gguf_name, arr, raw_dtype=raw_dtype)
+        writer.add_file_type(_file_type(list(types.values())))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        counts: dict[str, int] = {}
+        for t in types.values():
+            counts[t] = counts.get(t, 0) + 1
+        return {"file": self.filename, "tensor_types": counts}

@@ -1,0 +1,22 @@
+"""edgekit: compress a model, export it for the edge, and measure how it runs there.
+
+``edgekit.load(path)`` opens an exported artifact (a directory with ``manifest.json``, or the model
+file itself) with the runtime that fits its format. Importing edgekit or calling ``load`` never
+imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit.errors import EdgekitError
+
+__version__ = "0.1.0"
+__all__ = ["load", "EdgekitError", "__version__"]
+
+
+def load(path: Any, **options: Any):
+    """Open an artifact and return a session (``generate``, ``logits``, ``close``; a context manager)."""
+    from edgekit.session import load as _load
+
+    return _load(path, **options)

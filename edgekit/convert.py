@@ -1,0 +1,142 @@
+"""``edgekit convert``: source -> float reference -> compression pass -> exporter -> validated artifact."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgekit.atomic import atomic_output_dir, check_output_dir
+from edgekit.cache import sha256_file
+from edgekit.errors import EdgekitError, ValidationError
+from edgekit.harness.quality import EvalConfig, default_text_path, read_text, windows
+from edgekit.manifest import write_manifest
+from edgekit.model import Model
+from edgekit.passes import PassContext
+from edgekit.registry import EXPORTERS, PASSES, RUNTIMES
+from edgekit.sources import Source, load_reference, resolve
+
+# Export-time validation: the artifact's logits against the float reference on the evaluation text.
+# A correct export lands far inside these; a broken one (wrong layout, wrong scales) lands far outside.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "f32": {"kld_mean": 1e-3, "top1_agreement": 0.98},
+    "f16": {"kld_mean": 5e-3, "top1_agreement": 0.97},
+    "q8_0": {"kld_mean": 2e-2, "top1_agreement": 0.93},
+    "q4_0": {"kld_mean": 0.6, "top1_agreement": 0.60},
+    "int4": {"kld_mean": 0.6, "top1_agreement": 0.60},
+}
+DEFAULT_TOLERANCE = {"kld_mean": 1.0, "top1_agreement": 0.5}
+
+
+def source_tokenizer(source: Source) -> Callable[[str], list[int]]:
+    """The source's own tokenizer, for calibration text and for checking the artifact's tokenizer."""
+    if source.gguf_file is not None:
+        from edgekit.runtimes.llamacpp import LlamaCppSession
+
+        return LlamaCppSession(source.gguf_file, vocab_only=True).tokenize
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(source.path / "tokenizer.json"))
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+def calibration_sequences(tokenize: Callable[[str], list[int]], text: str, n_tokens: int, ctx: int = 512) -> list[list[int]]:
+    ids = tokenize(text)[:n_tokens]
+    return [ids[i : i + ctx] for i in range(0, len(ids), ctx) if len(ids[i : i + ctx]) >= 32]
+
+
+def validate(quant: str, quality: dict[str, Any], artifact: str) -> dict[str, Any]:
+    tol = TOLERANCES.get(quant, DEFAULT_TOLERANCE)
+    if quality["kld_mean"] > tol["kld_mean"]:
+        raise ValidationError(artifact, "logits: mean KL divergence from the reference", quality["kld_mean"], tol["kld_mean"],
+                              f"p99 {quality['kld_p99']:.3g}, top-1 agreement {quality['top1_agreement']:.1%}")
+    if quality["top1_agreement"] < tol["top1_agreement"]:
+        raise ValidationError(artifact, "logits: top-1 agreement with the reference", quality["top1_agreement"],
+                              tol["top1_agreement"], f"mean KLD {quality['kld_mean']:.3g}")
+    return {"passed": True, "tolerance": tol}
+
+
+def convert(model: str | None = None, format: str = "gguf", quant: str = "int4", out: str | Path = "out",
+            force: bool = False, eval_text: str | None = None, calib_text: str | None = None,
+            calib_tokens: int = 4096, eval_tokens: int = 4096,
+            progress: Callable[[str, int, int], None] = lambda d, a, b: None,
+            log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Convert ``model`` and write ``out/`` (artifact + manifest.json) atomically. Returns the manifest."""
+    out = Path(out)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    # cheap checks first: a bad flag or an occupied output fails before minutes of work
+    check_output_dir(out, force)
+    exporter = EXPORTERS.get(format)()
+    pass_cls = PASSES.get(quant)
+    source = resolve(model)
+
+    t0 = time.perf_counter()
+    log(f"reading {source.path.name} (float reference, cached after the first run)")
+    reference = load_reference(source)
+    timings["reference_s"] = time.perf_counter() - t0
+
+    work = Model(reference.spec, dict(reference.tensors), copy.deepcopy(reference.tokenizer), reference.name)
+    tokenize = source_tokenizer(source)
+    calib_body, calib_label = read_text(calib_text, "calibration")
+    calib_info: dict[str, Any] = {}
+
+    def calib() -> list[list[int]]:
+        seqs = calibration_sequences(tokenize, calib_body, calib_tokens)
+        calib_info.update({"text": calib_label, "tokens": sum(map(len, seqs))})
+        return seqs
+
+    t0 = time.perf_counter()
+    log(f"pass {quant}: {pass_cls.description}")
+    record = pass_cls().apply(work, PassContext(calibration_tokens=calib, progress=progress))
+    timings["pass_s"] = time.perf_counter() - t0
+    reason = exporter.supports(work)
+    if reason:
+        raise EdgekitError(f"the {format} format cannot hold this recipe: {reason}", "choose another --format")
+
+    eval_body, eval_label = read_text(eval_text, "eval")
+    with atomic_output_dir(out, force) as stage:
+        t0 = time.perf_counter()
+        log(f"writing {exporter.filename}")
+        export_info = exporter.export(work, stage)
+        timings["export_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log("validating against the float reference")
+        artifact = stage / exporter.filename
+        from edgekit.evaluate import measure_quality
+
+        with RUNTIMES.get(exporter.runtime).open(artifact) as session:
+            check_tokenizer(session, tokenize, eval_body, exporter.filename)
+            quality = measure_quality(session, reference, source.sha256, eval_body, eval_label,
+                                      EvalConfig(max_tokens=eval_tokens), progress)
+        validation = validate(quant, quality, exporter.filename)
+        timings["validate_s"] = time.perf_counter() - t0
+        from edgekit.converters.gguf_layout import gguf_weight_stats
+
+        stats = gguf_weight_stats(artifact) if format == "gguf" else {}
+        timings["total_s"] = time.perf_counter() - t_all
+        manifest = {
+            "artifact": {"format": format, "file": exporter.filename, "runtime": exporter.runtime, **export_info},
+            "source": source.describe(),
+            "model": {"name": reference.name, "architecture": reference.spec.arch,
+                      "parameters": reference.num_parameters(), "spec": reference.spec.to_dict()},
+            "recipe": {"quant": quant, "passes": [record], "calibration": calib_info or None},
+            "size_bytes": artifact.stat().st_size,
+            "bits_per_weight": stats.get("bits_per_weight", work.bits_per_weight()),
+            "quality": quality,
+            "validation": validation,
+            "timings_s": timings,
+        }
+        write_manifest(stage, manifest)
+    return manifest
+
+
+def check_tokenizer(session: Any, tokenize: Callable[[str], list[int]], text: str, artifact: str) -> None:
+    """The artifact must tokenize exactly like its source, or every quality figure would be meaningless."""
+    got, want = session.tokenize(text), tokenize(text)
+    if got != want:
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise ValidationError(artifact, "tokenization of the evaluation text: first differing token at", first, 0,
+                              f"{len(got)} tokens vs {len(want)} from the source tokenizer")

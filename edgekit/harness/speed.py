@@ -1,0 +1,122 @@
+"""Speed and memory of an artifact, measured in a fresh process that loads nothing but the runtime.
+
+Run as ``python -m edgekit.harness.speed CONFIG_JSON``; prints one JSON object. A separate process
+keeps the parent's torch and reference model out of the peak resident memory figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgekit.errors import EdgekitError, InputError
+
+
+@dataclass
+class SpeedConfig:
+    prompt_tokens: int = 128  # prompt length for time to first token
+    prefill_tokens: int = 512  # prompt length for prefill throughput
+    decode_tokens: int = 64  # generated tokens per decode run
+    reps: int = 5  # measured repetitions (after one warm-up)
+    load_reps: int = 3
+    n_threads: int | None = None
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is the true high-water mark (KiB on Linux, bytes on macOS); psutil only samples
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, Any]:
+    import psutil
+
+    import edgekit
+
+    opts = {"n_threads": cfg.n_threads} if cfg.n_threads else {}
+    rss_start = psutil.Process().memory_info().rss
+    loads = []
+    for _ in range(cfg.load_reps):
+        t0 = time.perf_counter()
+        s = edgekit.load(artifact, **opts)
+        loads.append(time.perf_counter() - t0)
+        if len(loads) < cfg.load_reps:
+            s.close()
+    rss_loaded = psutil.Process().memory_info().rss
+    ids = s.tokenize(text)
+    need = max(cfg.prompt_tokens, cfg.prefill_tokens)
+    if len(ids) < need:
+        ids = (ids * (need // max(1, len(ids)) + 1))[:need]
+    prompt, prefill_ids = ids[: cfg.prompt_tokens], ids[: cfg.prefill_tokens]
+
+    ttft, prefill, decode = [], [], []
+    for rep in range(cfg.reps + 1):  # the first repetition is a warm-up
+        t0 = time.perf_counter()
+        s.prefill(prefill_ids)
+        t_prefill = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stamps = []
+        for _ in s.stream_tokens(prompt, cfg.decode_tokens, ignore_eos=True):
+            stamps.append(time.perf_counter())
+        if rep == 0:
+            continue
+        prefill.append(len(prefill_ids) / t_prefill)
+        ttft.append((stamps[0] - t0) * 1000)
+        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    s.close()
+    return {
+        "runtime": s.runtime,
+        "n_threads": s.n_threads,
+        "load_s": statistics.median(loads),
+        "load_first_s": loads[0],
+        "ttft_ms": statistics.median(ttft),
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "rss_after_load_bytes": rss_loaded,
+        "rss_interpreter_bytes": rss_start,
+        "spread": {"load_s": summary(loads), "ttft_ms": summary(ttft), "prefill_tok_s": summary(prefill),
+                   "decode_tok_s": summary(decode)},
+        "settings": asdict(cfg) | {"prompt_tokens": len(prompt), "prefill_tokens": len(prefill_ids)},
+    }
+
+
+def measure(artifact: str, text: str, cfg: SpeedConfig, timeout: float = 1800) -> dict[str, Any]:
+    """Run :func:`measure_in_process` in a child Python and return its figures."""
+    payload = json.dumps({"artifact": str(artifact), "text": text, "cfg": asdict(cfg)})
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "edgekit.harness.speed"], input=payload, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(f"speed measurement of {artifact} failed: {err}", "run `edgekit run` on it to see the error")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise InputError(result["error"])
+    return result
+
+
+def main() -> None:
+    args = json.loads(sys.stdin.read())
+    try:
+        out = measure_in_process(args["artifact"], args["text"], SpeedConfig(**args["cfg"]))
+    except EdgekitError as exc:
+        out = {"error": exc.one_line()}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Core types: the architecture spec, the float model, and format-neutral compressed tensors.
+
+Passes decide the numbers and record them here (integers, scales, block size); exporters only pack
+these numbers into their container (GGUF today; ONNX and Core ML pack the very same arrays).
+Tensor names follow the Hugging Face Llama layout (``model.layers.0.self_attn.q_proj.weight``),
+with weights stored ``[out_features, in_features]`` and q/k rows in Hugging Face's rotate-half order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """Hyper-parameters of a Llama-family decoder (what both torch and llama.cpp need)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position: int = 2048
+    tie_word_embeddings: bool = True
+    arch: str = "llama"
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaSpec":
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            max_position=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor of the model, in Hugging Face names."""
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        return names
+
+    def output_head_name(self) -> str:
+        """The tensor that projects to the vocabulary (the embedding when tied)."""
+        return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
+
+
+@dataclass
+class BlockQuant:
+    """Symmetric block-wise integer weights: ``W[r, c] = scales[r, c // block_size] * q[r, c]``.
+
+    ``q`` holds signed integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` (int8 storage) and ``scales``
+    the per-block scales as float16, exactly as they are stored. This is the format-neutral form every
+    exporter packs: GGUF Q4_0 / Q8_0 blocks, ONNX MatMulNBits (zero point 2**(bits-1)), Core ML
+    blockwise shift-scale.
+    """
+
+    q: np.ndarray
+    scales: np.ndarray
+    bits: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        rows, cols = self.q.shape
+        if cols % self.block_size:
+            raise ValueError(f"{cols} columns are not a multiple of the block size {self.block_size}")
+        if self.scales.shape != (rows, cols // self.block_size):
+            raise ValueError(f"scales shape {self.scales.shape} does not match q {self.q.shape}")
+        lo, hi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        if self.q.size and (self.q.min() < lo or self.q.max() > hi):
+            raise ValueError(f"integers outside [{lo}, {hi}] for {self.bits}-bit weights")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits + 16 / self.block_size
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.q.shape
+        s = self.scales.astype(np.float32)[:, :, None]
+        blocks = self.q.reshape(rows, cols // self.block_size, self.block_size).astype(np.float32)
+        return (blocks * s).reshape(rows, cols)
+
+
+@dataclass
+class Cast:
+    """A tensor kept in floating point, stored as ``dtype`` ("f32" or "f16")."""
+
+    dtype: str
+
+    @property
+    def bits_per_weight(self) -> float:
+        return {"f32": 32.0, "f16": 16.0}[self.dtype]
+
+
+Encoding = BlockQuant | Cast
+
+
+@dataclass
+class Model:
+    """A Llama-family model: float weights plus, after compression passes, each tensor's encoding.
+
+    ``tensors`` always holds float32 arrays (the weights a pass produced, possibly transformed);
+    ``encodings`` says how each is stored (missing means float32). ``tokenizer`` holds the vocabulary
+    in llama.cpp's GGUF form (keys ``tokenizer.*``), which carries the chat template too.
+    """
+
+    spec: LlamaSpec
+    tensors: dict[str, np.ndarray]
+    tokenizer: dict[str, Any]
+    name: str = "model"
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+
+    def encoding(self, name: str) -> Encoding:
+        return self.encodings.get(name, Cast("f32"))
+
+    def effective_weight(self, name: str) -> np.ndarray:
+        """The weight as a runtime will compute with it (dequantized, or rounded to fp16)."""
+        enc = self.encoding(name)
+        if isinstance(enc, BlockQuant):
+            return enc.dequantize()
+        if enc.dtype == "f16":
+            return self.tensors[name].astype(np.float16).astype(np.float32)
+        return self.tensors[name]
+
+    def num_parameters(self) -> int:
+        return int(sum(t.size for t in self.tensors.values()))
+
+    def bits_per_weight(self) -> float:
+        total = sum(self.tensors[n].size * self.encoding(n).bits_per_weight for n in self.tensors)
+        return total / max(1, self.num_parameters())
+
+    def linear_names(self) -> list[str]:
+        """The 2-D matrices that quantization passes may encode (not the norms)."""
+        return [n for n in self.spec.tensor_names() if self.tensors[n].ndim == 2]

@@ -1,0 +1,41 @@
+"""Compression passes: each takes a :class:`~edgekit.model.Model`, decides numbers, and records what it did.
+
+A pass never writes files. It sets ``model.encodings[name]`` (and may transform ``model.tensors``);
+exporters pack whatever the passes decided. Passes are looked up by name in
+:data:`edgekit.registry.PASSES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from edgekit.model import Model
+
+
+@dataclass
+class PassContext:
+    """What a pass may need besides the model: calibration tokens and a progress callback."""
+
+    calibration_tokens: Callable[[], list[list[int]]] | None = None
+    progress: Callable[[str, int, int], None] = lambda desc, done, total: None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class. Subclasses set ``name`` and implement :meth:`apply`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, **params: Any):
+        self.params = params
+
+    def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
+        """Compress ``model`` in place and return a JSON-able record of what was done."""
+        raise NotImplementedError
+
+
+def is_output_head(model: Model, name: str) -> bool:
+    return name == model.spec.output_head_name()

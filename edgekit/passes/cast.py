@@ -1,0 +1,17 @@
+"""Half-precision storage for every matrix (norms stay float32, as llama.cpp's F16 files do)."""
+
+from __future__ import annotations
+
+from edgekit.model import Cast, Model
+from edgekit.passes import Pass, PassContext
+
+
+class F16Pass(Pass):
+    name = "f16"
+    description = "float16 weights (norms float32)"
+
+    def apply(self, model: Model, ctx: PassContext) -> dict:
+        names = model.linear_names()
+        for n in names:
+            model.encodings[n] = Cast("f16")
+        return {"pass": self.name, "tensors": len(names)}

@@ -1,0 +1,191 @@
+"""llama.cpp runtime through llama-cpp-python: GGUF artifacts.
+
+Settings that decide speed are explicit: ``n_threads`` defaults to every core (llama-cpp-python's own
+default is half of them, which halves decode speed on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from edgekit.errors import InputError, MissingDependencyError
+
+
+_LOG_CALLBACK = None
+
+
+def _llama_cpp():
+    global _LOG_CALLBACK
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingDependencyError("the llama.cpp runtime needs llama-cpp-python", "pip install llama-cpp-python") from None
+    if _LOG_CALLBACK is None:
+        # verbose=False does not silence every message llama.cpp prints (e.g. context warnings for
+        # vocab-only loads); route its log to nothing unless EDGEKIT_LLAMA_LOG is set
+        @llama_cpp.llama_log_callback
+        def _quiet(level, text, user_data):
+            if os.environ.get("EDGEKIT_LLAMA_LOG"):
+                sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+        _LOG_CALLBACK = _quiet
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class LlamaCppSession:
+    """A loaded GGUF model: generation (optionally streamed), raw logits, chat formatting."""
+
+    runtime = "llamacpp"
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_batch: int = 512, vocab_only: bool = False):
+        llama_cpp = _llama_cpp()
+        self.path = str(path)
+        if not Path(self.path).is_file():
+            raise InputError(f"{self.path} does not exist", "check the path")
+        self.n_threads = n_threads or default_threads()
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=self.path, n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                n_batch=n_batch, vocab_only=vocab_only, verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"llama.cpp could not load {self.path} ({exc})", "re-export the model") from None
+        self.n_ctx = self._llm.n_ctx()
+        self.n_vocab = self._llm.n_vocab()
+        self._batch = None
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._llm.token_eos()
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """Apply the model's own chat template (carried in the GGUF metadata)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return "\n".join(m["content"] for m in messages)
+        tok = self._llm._model
+        fmt = Jinja2ChatFormatter(template, eos_token=tok.token_get_text(self._llm.token_eos()),
+                                  bos_token=tok.token_get_text(self._llm.token_bos()))
+        return fmt(messages=messages).prompt
+
+    # ------------------------------------------------------------------ generation
+
+    def prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Evaluate a prompt from an empty cache without sampling (what prefill speed measures)."""
+        self._llm.reset()
+        self._llm.eval(list(prompt_ids))
+
+    def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
+                      ignore_eos: bool = False) -> Iterator[int]:
+        """Greedy (or sampled) token ids after a fresh prefill of ``prompt_ids``; stops at end-of-sequence
+        unless ``ignore_eos`` (benchmarks want a fixed number of decode steps)."""
+        if len(prompt_ids) + max_tokens > self.n_ctx:
+            raise InputError(f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
+                             "shorten the prompt or open the session with a larger n_ctx")
+        self._llm.reset()
+        eos = self._llm.token_eos()
+        for n, tok in enumerate(self._llm.generate(list(prompt_ids), temp=temperature, top_k=1 if temperature == 0 else 40,
+                                                   repeat_penalty=1.0, reset=False)):
+            if tok == eos and not ignore_eos:
+                return
+            yield tok
+            if n + 1 >= max_tokens:
+                return
+
+    def generate(self, prompt: str, max_tokens: int = 128, stream: bool = False, temperature: float = 0.0,
+                 chat: bool = False) -> str | Iterator[str]:
+        """Continue ``prompt`` (or answer it through the chat template when ``chat``); text or a stream of text."""
+        text = self.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+        ids = self.tokenize(text, special=chat)
+        pieces = self._pieces(self.stream_tokens(ids, max_tokens, temperature))
+        return pieces if stream else "".join(pieces)
+
+    def _pieces(self, tokens: Iterator[int]) -> Iterator[str]:
+        # a token can end in the middle of a UTF-8 character: decode incrementally
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for tok in tokens:
+            piece = dec.decode(self._llm.detokenize([tok]))
+            if piece:
+                yield piece
+        tail = dec.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    # ------------------------------------------------------------------ scoring
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits for every position of ``token_ids`` (shape [n, vocab], float32)."""
+        from llama_cpp._internals import LlamaBatch
+
+        ids = list(token_ids)
+        if len(ids) > self.n_ctx:
+            raise InputError(f"{len(ids)} tokens exceed the context of {self.n_ctx}", "score shorter windows")
+        llm = self._llm
+        if self._batch is None:
+            self._batch = LlamaBatch(n_tokens=llm.n_batch, embd=0, n_seq_max=1)
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        out = np.empty((len(ids), self.n_vocab), dtype=np.float32)
+        for i in range(0, len(ids), llm.n_batch):
+            chunk = ids[i : i + llm.n_batch]
+            self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+            llm._ctx.decode(self._batch)
+            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * self.n_vocab,))
+            out[i : i + len(chunk)] = rows.reshape(len(chunk), self.n_vocab)
+        llm._ctx.kv_cache_clear()
+        llm.reset()
+        return out
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        if getattr(self, "_llm", None) is not None:
+            self._llm.close()
+            self._llm = None
+
+    def __enter__(self) -> "LlamaCppSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaCppRuntime:
+    """Runtime plug-in: opens ``.gguf`` files."""
+
+    name = "llamacpp"
+    suffixes = (".gguf",)
+    formats = ("gguf",)
+
+    @staticmethod
+    def open(path: str | os.PathLike, **options: Any) -> LlamaCppSession:
+        return LlamaCppSession(path, **options)
