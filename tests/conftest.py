@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny Llama models built in code (hidden size 64) with the real SmolLM2 vocabulary,
+and, for end-to-end tests, artifacts of the embedded default model converted once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.model import LlamaSpec, Model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=1)
+def smollm_tokenizer() -> dict:
+    """GGUF tokenizer keys of the packaged SmolLM2 (read from its header; no weights are dequantized)."""
+    from edgekit.converters.gguf_layout import open_reader, tokenizer_from_reader
+    from edgekit.sources import default_model_path
+
+    return tokenizer_from_reader(open_reader(default_model_path()))
+
+
+def tiny_spec(**kw) -> LlamaSpec:
+    base = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, max_position=512,
+                tie_word_embeddings=True)
+    base.update(kw)
+    return LlamaSpec(**base)
+
+
+def tiny_model(seed: int = 0, **kw) -> Model:
+    """A random tiny Llama whose logits are not degenerate (weights scaled like a trained model)."""
+    spec = tiny_spec(**kw)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name in spec.tensor_names():
+        if name.endswith("norm.weight"):
+            tensors[name] = (1.0 + 0.1 * rng.standard_normal(spec.hidden_size)).astype(np.float32)
+            continue
+        shape = {
+            "q_proj": (spec.num_heads * spec.head_dim, spec.hidden_size),
+            "k_proj": (spec.num_kv_heads * spec.head_dim, spec.hidden_size),
+            "v_proj": (spec.num_kv_heads * spec.head_dim, spec.hidden_size),
+            "o_proj": (spec.hidden_size, spec.num_heads * spec.head_dim),
+            "gate_proj": (spec.intermediate_size, spec.hidden_size),
+            "up_proj": (spec.intermediate_size, spec.hidden_size),
+            "down_proj": (spec.hidden_size, spec.intermediate_size),
+        }
+        key = next((k for k in shape if f".{k}." in name), None)
+        shp = shape[key] if key else (spec.vocab_size, spec.hidden_size)
+        w = rng.standard_normal(shp).astype(np.float32) / np.sqrt(shp[1])
+        # a few outliers, as real weights have, so block scales matter
+        w[rng.random(shp) < 0.01] *= 6
+        tensors[name] = w.astype(np.float32)
+    return Model(spec, tensors, dict(smollm_tokenizer()), name="tiny-llama")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "edgekit"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def e2e_artifacts(tmp_path_factory):
+    """The default model converted once per test session at q8_0, q4_0 and int4."""
+    from edgekit.convert import convert
+
+    root = tmp_path_factory.mktemp("e2e")
+    out = {}
+    for quant in ("q8_0", "q4_0", "int4"):
+        manifest = convert(None, "gguf", quant, root / quant)
+        out[quant] = (root / quant, manifest)
+    return out
