@@ -20,7 +20,8 @@ class EdgekitError(Exception):
     def one_line(self) -> str:
         text = self.message.rstrip(".")
         if self.hint:
-            text += f". {self.hint.rstrip('.')}"
+            hint = self.hint.rstrip(".")
+            text += f". {hint[:1].upper()}{hint[1:]}"
         return " ".join((text + ".").split())
 
 

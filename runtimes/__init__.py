@@ -7,9 +7,10 @@ is opened, so listing runtimes stays cheap.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # importing the package must stay free of heavy dependencies
+    import numpy as np
 
 
 class Session(Protocol):
