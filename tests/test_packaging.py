@@ -86,4 +86,4 @@ def test_registries_list_builtins_and_accept_plugins():
     assert reg.get("mine") is Mine and reg.names() == ["mine"]
     with pytest.raises(UnknownPluginError) as err:
         reg.get("other")
-    assert "known: mine" in err.value.one_line()
+    assert "Known: mine" in err.value.one_line()
