@@ -122,7 +122,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE.parent / "out" / "bench")
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts already converted under --out")
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--eval-text", type=Path, action="append", help="extra English text(s) to score on")
     args = ap.parse_args()
