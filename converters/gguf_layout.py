@@ -123,7 +123,7 @@ def tokenizer_from_reader(reader) -> dict[str, Any]:
     return out
 
 
-def read_gguf_model(path: Path) -> Model:
+def read_gguf_model(path: Path, progress=None) -> Model:
     """Dequantize a Llama GGUF into a float32 :class:`Model` in Hugging Face layout."""
     import gguf
     from gguf.quants import dequantize
@@ -133,7 +133,9 @@ def read_gguf_model(path: Path) -> Model:
     spec = spec_from_reader(reader, path)
     to_hf = {v: k for k, v in gguf_names(spec).items()}
     tensors: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
+    for k, t in enumerate(reader.tensors):
+        if progress:
+            progress("dequantizing the source", k + 1, len(reader.tensors))
         if t.name not in to_hf:
             if t.name == "rope_freqs.weight":
                 raise UnsupportedArchitectureError(f"{path.name}: rope frequency factors are not supported yet")

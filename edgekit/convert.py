@@ -74,7 +74,7 @@ def convert(model: str | None = None, format: str = "gguf", quant: str = "int4",
 
     t0 = time.perf_counter()
     log(f"reading {source.path.name} (float reference, cached after the first run)")
-    reference = load_reference(source)
+    reference = load_reference(source, progress)
     timings["reference_s"] = time.perf_counter() - t0
 
     work = Model(reference.spec, dict(reference.tensors), copy.deepcopy(reference.tokenizer), reference.name)

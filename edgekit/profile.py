@@ -71,7 +71,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
             from edgekit.evaluate import measure_quality
             from edgekit.sources import load_reference
 
-            ref = load_reference(source)
+            ref = load_reference(source, progress)
             with edgekit.load(file) as session:
                 result["quality"] = measure_quality(session, ref, source.sha256, text, label,
                                                     EvalConfig(max_tokens=eval_tokens), progress)

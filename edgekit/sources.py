@@ -78,7 +78,7 @@ def resolve(model: str | None) -> Source:
 # ---------------------------------------------------------------- loading, with a cache
 
 
-def load_reference(source: Source) -> Model:
+def load_reference(source: Source, progress=None) -> Model:
     """The float32 reference model for ``source``, dequantized once and then read from the cache."""
     from safetensors.numpy import load_file, save_file
 
@@ -88,7 +88,7 @@ def load_reference(source: Source) -> Model:
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(weights_path))
         return Model(LlamaSpec(**meta["spec"]), tensors, meta["tokenizer"], meta["name"])
-    model = _read_source(source)
+    model = _read_source(source, progress)
     tmp = weights_path.with_suffix(".tmp")
     save_file(model.tensors, str(tmp))
     tmp.replace(weights_path)
@@ -97,11 +97,11 @@ def load_reference(source: Source) -> Model:
     return model
 
 
-def _read_source(source: Source) -> Model:
+def _read_source(source: Source, progress=None) -> Model:
     from edgekit.converters.gguf_layout import read_gguf_model
 
     if source.kind in ("default", "gguf"):
-        return read_gguf_model(source.path)
+        return read_gguf_model(source.path, progress)
     return read_hf_dir(source.path)
 
 
