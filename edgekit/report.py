@@ -55,4 +55,80 @@ def profile_table(r: dict[str, Any]) -> Table:
     quality_rows(t, r.get("quality"))
     if r.get("quality_note"):
         t.add_row("quality", r["quality_note"])
+    if r.get("roofline_percent"):
+        rp = r["roofline_percent"]
+        t.add_row("% of host roofline", f"decode {rp['decode']:.0f}% of copy bandwidth, prefill {rp['prefill']:.0f}% of f32 matmul")
+    return t
+
+
+def _fmt(v: Any, fmt: str, none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def predictions_table(r: dict[str, Any]) -> Table | None:
+    """Measured host figures next to predicted ones, per target, and cloud baselines."""
+    if not r.get("targets") and not r.get("cloud"):
+        return None
+    t = Table(title=f"predicted per target ({r.get('calibration', '')})")
+    for c in ("target", "kind", "decode tok/s", "TTFT ms", "load s", "peak memory", "budget", "fits", "$/1k tok"):
+        t.add_column(c)
+    t.add_row("host (measured)", "cpu", f"{r['decode_tok_s']:.1f}", f"{r['ttft_ms']:.0f}", f"{r['load_s']:.2f}",
+              _mb(r["peak_rss_bytes"]), "-", "-", "0 (on device)")
+    ph = r.get("predicted_host")
+    if ph:
+        t.add_row("host (predicted)", "cpu", f"{ph['decode_tok_s']:.1f}", f"{ph['ttft_ms']:.0f}", f"{ph['load_s']:.2f}",
+                  _mb(ph["peak_memory_bytes"]), "-", "-", "")
+    for name, p in (r.get("targets") or {}).items():
+        fits = p.get("fits")
+        t.add_row(name, p.get("kind", ""), f"{p['decode_tok_s']:.1f}", f"{p['ttft_ms']:.0f}", f"{p['load_s']:.2f}",
+                  _mb(p["peak_memory_bytes"]), _mb(p.get("memory_budget_bytes")),
+                  "-" if fits is None else ("yes" if fits else "[red]NO[/red]"), "0 (on device)")
+    for name, c in (r.get("cloud") or {}).items():
+        t.add_row(name, f"cloud ({c['source']})", f"{c['decode_tok_s']:.1f}", f"{c['ttft_ms']:.0f}", "-", "-", "-", "-",
+                  _fmt(c.get("usd_per_1k_tokens"), ".5f", "unknown"))
+    return t
+
+
+def calibration_table(cal) -> Table:
+    t = Table(title=f"calibration {cal.runtime}/{cal.format} ({len(cal.points)} artifacts, host copy "
+                    f"{cal.host['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s, f32 matmul {cal.host['compute_flops']['f32'] / 1e9:.0f} GFLOP/s)")
+    for c in ("weight type", "decode: % of bandwidth roofline", "prefill: % of compute roofline"):
+        t.add_column(c)
+    eff = cal.efficiencies()
+    for typ in sorted(set(eff["decode"]) | set(eff["prefill"])):
+        t.add_row(typ, _fmt(100 * eff["decode"].get(typ, 0) if typ in eff["decode"] else None, ".1f"),
+                  _fmt(100 * eff["prefill"].get(typ, 0) if typ in eff["prefill"] else None, ".1f"))
+    t.add_row("KV cache (per context token)", _fmt(100 / cal.x_kv if cal.x_kv else None, ".1f"),
+              _fmt(100 / cal.y_attn if cal.y_attn else None, ".1f"))
+    t.add_row("runtime memory overhead", _mb(cal.mem_overhead_bytes), "")
+    return t
+
+
+def targets_table(profiles: dict, host: dict | None = None) -> Table:
+    t = Table(title="device profiles")
+    for c in ("name", "kind", "bandwidth GB/s", "compute", "RAM GB", "budget GB", "formats"):
+        t.add_column(c, no_wrap=c in ("name", "kind"))
+    if host:
+        t.add_row("host", "cpu (measured)", f"{host['copy_bandwidth_bytes_s'] / 1e9:.1f} (copy)",
+                  f"{host['compute_flops']['f32'] / 1e9:.0f} GFLOPS f32", f"{host['ram_bytes'] / 1e9:.1f}", "-", "gguf")
+    for name, p in sorted(profiles.items()):
+        bw = p.get("copy_bandwidth") or p.get("memory_bandwidth")
+        comp = p.get("compute_f32") or p.get("compute_f16") or p.get("compute_int8")
+        budget = p.memory_budget_bytes() / 1e9
+        t.add_row(name, p.kind, f"{bw.value:g}" + (" (copy)" if p.get("copy_bandwidth") else " (peak)"),
+                  f"{comp.value:g} {comp.unit}", f"{p.get('ram').value:g}", f"{budget:.1f}", ",".join(p.formats))
+    return t
+
+
+def plan_table(plan: dict[str, Any]) -> Table:
+    w = plan["winner"]
+    t = Table(title=f"plan for {plan['target']}: {w['quant']} ({w['format']}) - {plan['why']}; {plan['calibration']}",
+              caption=f"predicted at context {plan['context']}, {plan['prompt_tokens']}-token prompt")
+    for c in ("recipe", "format", "size", "decode tok/s", "TTFT ms", "peak memory", "KLD", "quality from", "verdict"):
+        t.add_column(c)
+    for c in plan["candidates"]:
+        win = c["quant"] == w["quant"] and c["format"] == w["format"]
+        verdict = "[bold green]chosen[/bold green]" if win else ("fits" if c["fits"] else "; ".join(c["why_not"]))
+        t.add_row(c["quant"], c["format"], _mb(c["size_bytes"]), f"{c['decode_tok_s']:.1f}", f"{c['ttft_ms']:.0f}",
+                  _mb(c["peak_memory_bytes"]), f"{c['kld_mean']:.3g}", c["quality_from"], verdict)
     return t

@@ -47,6 +47,7 @@ def test_wheel_in_fresh_venv(tmp_path):
     assert "gguf" in out[1] and "llamacpp" in out[2]
     listing = subprocess.run([str(py), "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
     assert "edgekit/data/eval.txt" in listing and "edgekit/runtimes/llamacpp.py" in listing
+    assert "edgekit/profiles_data/raspberry-pi-5.toml" in listing and "edgekit/targets/predict.py" in listing
 
 
 def _modules_after(code: str) -> set[str]:

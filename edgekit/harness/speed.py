@@ -27,6 +27,7 @@ class SpeedConfig:
     reps: int = 5  # measured repetitions (after one warm-up)
     load_reps: int = 3
     n_threads: int | None = None
+    long_context: int = 0  # when > 0, also measure decode after a prompt this long (KV-cache cost)
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -55,10 +56,15 @@ def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, 
             s.close()
     rss_loaded = psutil.Process().memory_info().rss
     ids = s.tokenize(text)
-    need = max(cfg.prompt_tokens, cfg.prefill_tokens)
+    need = max(cfg.prompt_tokens, cfg.prefill_tokens, cfg.long_context)
     if len(ids) < need:
         ids = (ids * (need // max(1, len(ids)) + 1))[:need]
     prompt, prefill_ids = ids[: cfg.prompt_tokens], ids[: cfg.prefill_tokens]
+
+    def decode_rate(prompt_ids: list[int]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        stamps = [time.perf_counter() for _ in s.stream_tokens(prompt_ids, cfg.decode_tokens, ignore_eos=True)]
+        return (stamps[0] - t0) * 1000, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
     ttft, prefill, decode = [], [], []
     for rep in range(cfg.reps + 1):  # the first repetition is a warm-up
@@ -66,17 +72,23 @@ def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, 
         s.prefill(prefill_ids)
         t_prefill = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        stamps = []
-        for _ in s.stream_tokens(prompt, cfg.decode_tokens, ignore_eos=True):
-            stamps.append(time.perf_counter())
+        first_ms, rate = decode_rate(prompt)
         if rep == 0:
             continue
         prefill.append(len(prefill_ids) / t_prefill)
-        ttft.append((stamps[0] - t0) * 1000)
-        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        ttft.append(first_ms)
+        decode.append(rate)
+    long = {}
+    if cfg.long_context:
+        long_ids = ids[: cfg.long_context]
+        decode_rate(long_ids)  # warm-up
+        runs = [decode_rate(long_ids) for _ in range(max(2, cfg.reps // 2))]
+        long = {"long_context": {"prompt_tokens": len(long_ids), "ttft_ms": statistics.median(r[0] for r in runs),
+                                 "decode_tok_s": statistics.median(r[1] for r in runs)}}
+    n_ctx = s.n_ctx
     s.close()
-    return {
+    return {**long,
+        "n_ctx": n_ctx,
         "runtime": s.runtime,
         "n_threads": s.n_threads,
         "load_s": statistics.median(loads),

@@ -1,0 +1,107 @@
+"""Cross-validation of the calibrated predictor on this machine.
+
+Measures the embedded model at f16, q8_0, q4_0 and int4 (short and long context), fits the predictor
+on a calibration subset and predicts what was held out, then compares with the measurement:
+
+* held-out recipe: calibrate on f16 + q8_0 + q4_0, predict int4 (same Q4_0 kernels, other numbers),
+  also at a prompt length and context never measured in calibration;
+* held-out storage type: calibrate on two of f16 / q8_0 / q4_0, predict the third (its kernel's
+  efficiency is then unknown and taken as the median of the others: the hardest case);
+* peak memory: the overhead fitted without the artifact predicted.
+
+Prints a table (predicted, measured, error) and writes benchmarks/results/targets.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    from edgekit.convert import convert
+    from edgekit.harness.quality import read_text
+    from edgekit.harness.speed import SpeedConfig, measure
+    from edgekit.targets import predict as pr
+    from edgekit.targets.facts import artifact_facts
+    from edgekit.targets.host import host_figures
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=HERE.parent / "out" / "bench")
+    ap.add_argument("--remeasure-host", action="store_true")
+    args = ap.parse_args()
+    console = Console()
+    host = host_figures(args.remeasure_host)
+    text, _ = read_text(None)
+
+    arts, points, speeds = {}, {}, {}
+    for quant in ("f16", "q8_0", "q4_0", "int4"):
+        d = args.out / quant
+        if not (d / "manifest.json").exists():
+            convert(None, "gguf", quant, d, force=True)
+        arts[quant] = artifact_facts(d)
+        console.print(f"[dim]measuring {quant}...[/dim]")
+        speeds[quant] = measure(str(d / "model.gguf"), text, SpeedConfig(reps=3, long_context=1024))
+        points[quant] = pr.point_from_speed(arts[quant], speeds[quant])
+    # a held-out operating point never used for calibration: longer prompt, longer context
+    console.print("[dim]measuring int4 at a held-out prompt length and context...[/dim]")
+    held = measure(str(args.out / "int4" / "model.gguf"), text,
+                   SpeedConfig(reps=3, prompt_tokens=256, prefill_tokens=256, long_context=1536))
+
+    rows = []
+
+    def compare(case, quant, metric, predicted, measured):
+        rows.append({"case": case, "artifact": quant, "metric": metric, "predicted": predicted, "measured": measured,
+                     "error_pct": 100 * (predicted - measured) / measured})
+
+    def check_all(case, quant, cal, speed):
+        facts = arts[quant]
+        st = speed["settings"]
+        short = int(st["prompt_tokens"] + st["decode_tokens"] / 2)
+        p = pr.predict(facts, cal, pr.host_machine(host), short, st["prompt_tokens"], speed["n_ctx"])
+        compare(case, quant, f"decode tok/s @ctx {short}", p["decode_tok_s"], speed["decode_tok_s"])
+        compare(case, quant, f"TTFT ms @{st['prompt_tokens']} prompt", p["ttft_ms"], speed["ttft_ms"])
+        lc = speed["long_context"]
+        long_ctx = int(lc["prompt_tokens"] + st["decode_tokens"] / 2)
+        pl = pr.predict(facts, cal, pr.host_machine(host), long_ctx, lc["prompt_tokens"], speed["n_ctx"])
+        compare(case, quant, f"decode tok/s @ctx {long_ctx}", pl["decode_tok_s"], lc["decode_tok_s"])
+        compare(case, quant, f"TTFT ms @{lc['prompt_tokens']} prompt", pl["ttft_ms"], lc["ttft_ms"])
+        compare(case, quant, "peak memory MB", p["peak_memory_bytes"] / 1e6, speed["peak_rss_bytes"] / 1e6)
+
+    cal = pr.fit([points[q] for q in ("f16", "q8_0", "q4_0")], host)
+    check_all("held-out recipe", "int4", cal, speeds["int4"])
+    check_all("held-out recipe + operating point", "int4", cal, held)
+    for q in ("f16", "q8_0", "q4_0"):
+        others = [points[o] for o in ("f16", "q8_0", "q4_0") if o != q]
+        check_all("held-out storage type", q, pr.fit(others, host), speeds[q])
+    for q in ("f16", "q8_0", "q4_0"):
+        check_all("in-sample (fit quality)", q, cal, speeds[q])
+
+    t = Table(title=f"predicted vs measured on this host (copy {host['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s, "
+                    f"f32 matmul {host['compute_flops']['f32'] / 1e9:.0f} GFLOP/s)")
+    for c in ("case", "artifact", "metric", "predicted", "measured", "error"):
+        t.add_column(c)
+    for r in rows:
+        style = "" if abs(r["error_pct"]) <= 15 else "red"
+        t.add_row(r["case"], r["artifact"], r["metric"], f"{r['predicted']:.1f}", f"{r['measured']:.1f}",
+                  f"[{style}]{r['error_pct']:+.1f}%[/{style}]" if style else f"{r['error_pct']:+.1f}%")
+    console.print(t)
+    eff = cal.efficiencies()
+    console.print("fitted efficiencies (fraction of roofline): decode " +
+                  ", ".join(f"{k} {v:.0%}" for k, v in eff["decode"].items()) + "; prefill " +
+                  ", ".join(f"{k} {v:.0%}" for k, v in eff["prefill"].items()))
+    dest = HERE / "results" / "targets.json"
+    dest.write_text(json.dumps({"rows": rows, "host": host, "efficiencies": eff,
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+    console.print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The special target ``host``: this machine, measured (copy bandwidth, matmul throughput, RAM, cores).
+
+Figures are cached with a timestamp (``edgekit calibrate --remeasure`` refreshes them): they are the
+denominators of every "% of roofline" edgekit reports, so they must stay the same between commands.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+from edgekit.cache import cache_dir
+
+COPY_BYTES = 256 * 1024 * 1024
+
+
+def measure_copy_bandwidth(reps: int = 7) -> float:
+    """Bytes copied per second by one thread (memcpy of 256 MiB, the tinymembench 'copy' convention)."""
+    import numpy as np
+
+    src = np.ones(COPY_BYTES // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return COPY_BYTES / min(times)
+
+
+def measure_matmul_flops(n: int = 1024, reps: int = 5) -> dict[str, float]:
+    """Dense f32 matrix-multiply FLOP/s through numpy's BLAS, all cores (the dtype llama.cpp's prefill
+    accumulates in; numpy has no fast f16 or int8 GEMM to measure)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return {"f32": 2 * n**3 / statistics.median(times)}
+
+
+def measure_host() -> dict[str, Any]:
+    import os
+    import platform
+
+    import psutil
+
+    from edgekit.runtimes.llamacpp import default_threads
+
+    return {
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": platform.machine(),
+        "processor": _cpu_name() or platform.processor(),
+        "cores_logical": psutil.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "threads_used": default_threads(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "copy_bandwidth_bytes_s": measure_copy_bandwidth(),
+        "compute_flops": measure_matmul_flops(),
+        "storage_note": "artifacts are read from the page cache on repeated loads",
+    }
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def host_figures(remeasure: bool = False) -> dict[str, Any]:
+    path = cache_dir() / "host.json"
+    if path.exists() and not remeasure:
+        return json.loads(path.read_text())
+    figs = measure_host()
+    path.write_text(json.dumps(figs, indent=2))
+    return figs

@@ -1,0 +1,236 @@
+"""Roofline prediction calibrated by what was measured on this machine.
+
+Decode is bandwidth-bound: the seconds per token times the bandwidth equal the bytes streamed, each
+weight type weighted by how efficiently its kernel streams (``x_type`` >= 1, the inverse of the
+fraction of roofline reached), plus the KV cache read at the current context (``x_kv``):
+
+    t_decode * B = sum_type bytes_type * x_type + kv_bytes_per_token * context * x_kv
+
+Prefill is compute-bound, with the same idea for FLOPs (``y_type``, ``y_attn``):
+
+    t_prefill(P) * C = sum_type 2 * params_type * P * y_type + attn_flops * P^2 / 2 * y_attn
+
+The factors are fitted per (runtime, format) from host measurements (non-negative least squares, so
+no factor can go negative); B and C are the host's measured copy bandwidth and matmul throughput
+when fitting, and the device profile's figures when predicting. Peak memory is weights + the KV
+cache allocated for the context + a runtime overhead fitted on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgekit.cache import cache_dir
+from edgekit.targets.facts import ArtifactFacts
+
+# A device profile with only a datasheet bandwidth streams at a fraction of it; published copy
+# bandwidths run from ~35% (Raspberry Pi 5: 6 of 17 GB/s) to ~90% (x86 servers) of peak.
+COPY_OVER_PEAK_DEFAULT = 0.6
+# Runtimes never calibrated here (e.g. CUDA on a GPU) get the middle of the published 30-95% range.
+UNCALIBRATED_EFFICIENCY = 0.6
+
+
+@dataclass
+class Calibration:
+    runtime: str
+    format: str
+    x: dict[str, float]  # decode: inverse bandwidth efficiency per weight type
+    x_kv: float
+    y: dict[str, float]  # prefill: inverse compute efficiency per weight type
+    y_attn: float
+    mem_overhead_bytes: float
+    load_overhead_s: float
+    host: dict[str, Any]
+    points: list[dict[str, Any]] = field(default_factory=list)
+    fitted: str = ""
+
+    def efficiencies(self) -> dict[str, Any]:
+        return {"decode": {t: 1 / v for t, v in self.x.items() if v > 0},
+                "prefill": {t: 1 / v for t, v in self.y.items() if v > 0}}
+
+    def _x(self, typ: str, table: dict[str, float]) -> float:
+        if typ in table:
+            return table[typ]
+        return statistics.median(table.values()) if table else 1 / UNCALIBRATED_EFFICIENCY
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from scipy.optimize import nnls
+
+    # scale columns so the solver sees comparable magnitudes
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
+    sol, _ = nnls(a / scale, b)
+    return sol / scale
+
+
+def fit(points: list[dict[str, Any]], host: dict[str, Any]) -> Calibration:
+    """Fit factors from measurement points: each {"facts": ArtifactFacts dict, "decode": [(ctx, tok_s)],
+    "prefill": [(P, seconds)], "peak_rss_bytes", "n_ctx", "load_s"}."""
+    bw = host["copy_bandwidth_bytes_s"]
+    c = host["compute_flops"]["f32"]
+    types = sorted({t for p in points for t in p["facts"]["bytes_by_type"] if t != "F32"})
+    cols = types + ["kv"]
+    rows, rhs = [], []
+    for p in points:
+        f = p["facts"]
+        for ctx, tok_s in p["decode"]:
+            rows.append([f["bytes_by_type"].get(t, 0) for t in types] + [f["kv_bytes_per_token"] * ctx])
+            # F32 norms are a few hundred KB: streamed at the copy rate, not fitted
+            rhs.append(bw / tok_s - f["bytes_by_type"].get("F32", 0))
+    sol = _nnls(np.array(rows, float), np.array(rhs, float))
+    x = {t: float(v) for t, v in zip(types, sol[:-1])}
+    x_kv = float(sol[-1])
+
+    ptypes = sorted({t for p in points for t in p["facts"]["params_by_type"]})
+    rows, rhs = [], []
+    for p in points:
+        f = p["facts"]
+        for n, secs in p["prefill"]:
+            rows.append([2 * f["params_by_type"].get(t, 0) * n for t in ptypes]
+                        + [f["attn_flops_per_token_per_ctx"] * n * n / 2])
+            rhs.append(secs * c)
+    sol = _nnls(np.array(rows, float), np.array(rhs, float))
+    y = {t: float(v) for t, v in zip(ptypes, sol[:-1])}
+    y_attn = float(sol[-1])
+
+    overheads = [p["peak_rss_bytes"] - p["facts"]["size_bytes"] - p["facts"]["kv_bytes_per_token"] * p["n_ctx"]
+                 for p in points]
+    loads = [p["load_s"] for p in points]
+    return Calibration(points[0]["facts"]["runtime"], points[0]["facts"]["format"], x, x_kv, y, y_attn,
+                       float(statistics.median(overheads)), float(min(loads)), host, points,
+                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def point_from_speed(facts: ArtifactFacts, speed: dict[str, Any]) -> dict[str, Any]:
+    """A calibration point from one `edgekit.harness.speed` result."""
+    st = speed["settings"]
+    short_ctx = st["prompt_tokens"] + st["decode_tokens"] / 2
+    decode = [(short_ctx, speed["decode_tok_s"])]
+    prefill = [(st["prefill_tokens"], st["prefill_tokens"] / speed["prefill_tok_s"])]
+    # TTFT = prefill of the prompt + one decode step
+    prefill.append((st["prompt_tokens"], speed["ttft_ms"] / 1000 - 1 / speed["decode_tok_s"]))
+    if "long_context" in speed:
+        lc = speed["long_context"]
+        decode.append((lc["prompt_tokens"] + st["decode_tokens"] / 2, lc["decode_tok_s"]))
+        prefill.append((lc["prompt_tokens"], lc["ttft_ms"] / 1000 - 1 / lc["decode_tok_s"]))
+    return {"name": speed.get("name"), "facts": facts.to_dict(), "decode": decode, "prefill": prefill,
+            "peak_rss_bytes": speed["peak_rss_bytes"], "n_ctx": speed["n_ctx"], "load_s": speed["load_s"]}
+
+
+# ---------------------------------------------------------------- storage of fitted factors
+
+
+def calibration_path():
+    return cache_dir() / "calibration.json"
+
+
+def save(cal: Calibration) -> None:
+    path = calibration_path()
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[f"{cal.runtime}/{cal.format}"] = asdict(cal)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def load(runtime: str, fmt: str) -> Calibration | None:
+    path = calibration_path()
+    if not path.exists():
+        return None
+    entry = json.loads(path.read_text()).get(f"{runtime}/{fmt}")
+    return Calibration(**entry) if entry else None
+
+
+# ---------------------------------------------------------------- prediction
+
+
+@dataclass
+class Machine:
+    """The two roofline ceilings and memory of whatever is predicted for (host or a profile)."""
+
+    name: str
+    kind: str
+    bandwidth_bytes_s: float
+    compute_flops: float
+    storage_read_bytes_s: float | None
+    memory_budget_bytes: float | None
+    calibrated_runtimes: tuple[str, ...]
+    notes: list[str] = field(default_factory=list)
+
+
+def host_machine(host: dict[str, Any]) -> Machine:
+    return Machine("host", "cpu", host["copy_bandwidth_bytes_s"], host["compute_flops"]["f32"], None,
+                   host["ram_bytes"], ("llamacpp",))
+
+
+def profile_machine(profile) -> Machine:
+    notes = []
+    copy = profile.get("copy_bandwidth")
+    if copy is not None:
+        bw = profile.bandwidth_bytes_s()
+    else:
+        bw = profile.peak_bandwidth_bytes_s() * COPY_OVER_PEAK_DEFAULT
+        notes.append(f"bandwidth: datasheet x {COPY_OVER_PEAK_DEFAULT} (assumed copy/peak; no measured copy figure)")
+    # CPU-class devices run the same CPU kernels the host calibrated; GPU-class devices do not
+    calibrated = ("llamacpp",) if profile.kind in ("cpu", "mobile") else ()
+    if not calibrated:
+        notes.append(f"{profile.kind}: GPU kernels are not calibrated on this host; efficiency {UNCALIBRATED_EFFICIENCY} assumed")
+    dtype = "f32" if profile.kind in ("cpu", "mobile") else "f16"
+    return Machine(profile.name, profile.kind, bw, profile.compute_flops(dtype), profile.storage_read_bytes_s(),
+                   profile.memory_budget_bytes(), calibrated, notes)
+
+
+def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, prompt_tokens: int,
+            n_ctx: int | None = None) -> dict[str, Any]:
+    """Predicted load time, TTFT, prefill and decode speed, and peak memory of ``facts`` on ``m``."""
+    calibrated = facts.runtime in m.calibrated_runtimes
+    unc = 1 / UNCALIBRATED_EFFICIENCY
+
+    def xt(t):
+        return cal._x(t, cal.x) if calibrated else unc
+
+    def yt(t):
+        return cal._x(t, cal.y) if calibrated else unc
+
+    x_kv = cal.x_kv if calibrated else unc
+    y_attn = cal.y_attn if calibrated else unc
+    stream = sum(b * (1.0 if t == "F32" else xt(t)) for t, b in facts.bytes_by_type.items())
+    t_decode = (stream + facts.kv_bytes_per_token * context * x_kv) / m.bandwidth_bytes_s
+    p = prompt_tokens
+    flops = sum(2 * n * p * yt(t) for t, n in facts.params_by_type.items()) + facts.attn_flops_per_token_per_ctx * p * p / 2 * y_attn
+    t_prefill = flops / m.compute_flops
+    n_ctx = n_ctx or max(context, 2048)
+    memory = facts.size_bytes + facts.kv_bytes_per_token * n_ctx + cal.mem_overhead_bytes
+    load = cal.load_overhead_s + (facts.size_bytes / m.storage_read_bytes_s if m.storage_read_bytes_s else 0.0)
+    roofline_decode = m.bandwidth_bytes_s / (facts.bytes_per_token + facts.kv_bytes_per_token * context)
+    out = {
+        "decode_tok_s": 1 / t_decode,
+        "ttft_ms": (t_prefill + t_decode) * 1000,
+        "prefill_tok_s": p / t_prefill,
+        "load_s": load,
+        "peak_memory_bytes": memory,
+        "roofline_decode_tok_s": roofline_decode,
+        "context": context,
+        "prompt_tokens": p,
+        "n_ctx": n_ctx,
+        "calibrated": calibrated,
+    }
+    if m.memory_budget_bytes is not None:
+        out["memory_budget_bytes"] = m.memory_budget_bytes
+        out["fits"] = memory <= m.memory_budget_bytes
+    if m.notes:
+        out["notes"] = list(m.notes)
+    return out
+
+
+def roofline_percent(facts: ArtifactFacts, speed: dict[str, Any], host: dict[str, Any]) -> dict[str, float]:
+    """How close measured host figures come to the host's roofline ceilings (in %)."""
+    st = speed["settings"]
+    ctx = st["prompt_tokens"] + st["decode_tokens"] / 2
+    decode_ceiling = host["copy_bandwidth_bytes_s"] / (facts.bytes_per_token + facts.kv_bytes_per_token * ctx)
+    prefill_ceiling = host["compute_flops"]["f32"] / (2 * sum(facts.params_by_type.values()))
+    return {"decode": 100 * speed["decode_tok_s"] / decode_ceiling, "prefill": 100 * speed["prefill_tok_s"] / prefill_ceiling}
