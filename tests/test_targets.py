@@ -1,0 +1,191 @@
+"""Predictor, plan, cloud baselines and the report command, on tiny models and synthetic measurements."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edgekit.converters.gguf import GGUFExporter
+from edgekit.passes import PassContext
+from edgekit.passes.rtn import Q4_0Pass
+from edgekit.targets import predict as pr
+from edgekit.targets.facts import artifact_facts, estimate_gguf_facts
+from edgekit.targets.profiles import get_profile
+from tests.conftest import run_cli, tiny_model
+
+HOST = {"copy_bandwidth_bytes_s": 10e9, "compute_flops": {"f32": 50e9}, "ram_bytes": 16e9}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-gguf")
+    GGUFExporter().export(tiny_model(), d)
+    return d
+
+
+def synthetic_point(facts, x, x_kv, y, y_attn, overhead=120e6, n_ctx=2048):
+    """Measurements that follow the model exactly, for known factors."""
+    fd = facts.to_dict()
+    bw, c = HOST["copy_bandwidth_bytes_s"], HOST["compute_flops"]["f32"]
+
+    def t_decode(ctx):
+        stream = sum(b * (1 if t == "F32" else x[t]) for t, b in fd["bytes_by_type"].items())
+        return (stream + fd["kv_bytes_per_token"] * ctx * x_kv) / bw
+
+    def t_prefill(p):
+        return (sum(2 * n * p * y[t] for t, n in fd["params_by_type"].items()) + fd["attn_flops_per_token_per_ctx"] * p * p / 2 * y_attn) / c
+
+    return {"facts": fd, "decode": [(160, 1 / t_decode(160)), (1056, 1 / t_decode(1056))],
+            "prefill": [(128, t_prefill(128)), (512, t_prefill(512)), (1024, t_prefill(1024))],
+            "peak_rss_bytes": fd["size_bytes"] + fd["kv_bytes_per_token"] * n_ctx + overhead, "n_ctx": n_ctx, "load_s": 0.1}
+
+
+def test_fit_recovers_known_factors():
+    spec = tiny_model().spec
+    x = {"F16": 1.6, "Q8_0": 1.3, "Q4_0": 2.1}
+    y = {"F16": 3.0, "Q8_0": 2.5, "Q4_0": 2.2}
+    pts = [synthetic_point(estimate_gguf_facts(spec, q), x, 4.0, y, 6.0) for q in ("f16", "q8_0", "q4_0")]
+    cal = pr.fit(pts, HOST)
+    for t in x:
+        assert cal.x[t] == pytest.approx(x[t], rel=1e-3), t
+        assert cal.y[t] == pytest.approx(y[t], rel=1e-3), t
+    assert cal.x_kv == pytest.approx(4.0, rel=1e-3) and cal.y_attn == pytest.approx(6.0, rel=1e-3)
+    assert cal.mem_overhead_bytes == pytest.approx(120e6)
+    # and a held-out recipe is then predicted exactly
+    facts = estimate_gguf_facts(spec, "int4")
+    held = synthetic_point(facts, x, 4.0, y, 6.0)
+    p = pr.predict(facts, cal, pr.host_machine(HOST), 1056, 512)
+    assert p["decode_tok_s"] == pytest.approx(held["decode"][1][1], rel=1e-3)
+    assert p["peak_memory_bytes"] == pytest.approx(held["peak_rss_bytes"], rel=1e-6)
+
+
+def test_estimated_facts_match_the_written_artifact(tmp_path):
+    model = tiny_model()
+    Q4_0Pass().apply(model, PassContext())
+    GGUFExporter().export(model, tmp_path)
+    real = artifact_facts(tmp_path / "model.gguf")
+    est = estimate_gguf_facts(model.spec, "q4_0")
+    assert est.bytes_by_type == real.bytes_by_type and est.params_by_type == real.params_by_type
+    assert est.kv_bytes_per_token == real.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
+
+
+def test_prediction_scales_with_the_device():
+    spec = tiny_model().spec
+    facts = estimate_gguf_facts(spec, "q4_0")
+    cal = pr.fit([synthetic_point(estimate_gguf_facts(spec, q), {"F16": 1.5, "Q8_0": 1.5, "Q4_0": 1.5}, 2, {"F16": 2, "Q8_0": 2, "Q4_0": 2}, 2)
+                  for q in ("f16", "q8_0", "q4_0")], HOST)
+    pi, laptop = get_profile("raspberry-pi-5"), get_profile("x86-laptop")
+    a = pr.predict(facts, cal, pr.profile_machine(pi), 512, 128)
+    b = pr.predict(facts, cal, pr.profile_machine(laptop), 512, 128)
+    assert b["decode_tok_s"] > a["decode_tok_s"] and b["ttft_ms"] < a["ttft_ms"]
+    assert a["fits"] and a["memory_budget_bytes"] == pytest.approx(pi.memory_budget_bytes())
+    # faster storage, faster cold load
+    assert b["load_s"] < a["load_s"]
+
+
+def test_convert_for_a_target_shows_the_plan(tmp_path, tiny_dir):
+    proc = run_cli("convert", str(tiny_dir / "model.gguf"), "--target", "raspberry-pi-5", "-o", str(tmp_path / "pi"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    plan = m["plan"]
+    assert plan["target"] == "raspberry-pi-5" and plan["winner"]["quant"] == m["recipe"]["quant"]
+    assert {c["quant"] for c in plan["candidates"]} == {"f16", "q8_0", "int4", "q4_0"}
+    assert all(c["fits"] for c in plan["candidates"])  # a tiny model fits anywhere
+    # the best-quality recipe that fits wins
+    assert plan["winner"]["quant"] == min(plan["candidates"], key=lambda c: c["kld_mean"])["quant"]
+
+
+def test_a_latency_limit_changes_the_winner_and_an_impossible_one_is_refused(tmp_path, tiny_dir):
+    from edgekit.errors import EdgekitError
+    from edgekit.sources import load_reference, resolve
+    from edgekit.targets.plan import plan
+
+    src = resolve(str(tiny_dir / "model.gguf"))
+    ref = load_reference(src)
+    prof = get_profile("iphone-15-pro")
+    free = plan(ref, src.sha256, prof)
+    by = {c["quant"]: c for c in free["candidates"]}
+    limit = (by["f16"]["ttft_ms"] + by["q4_0"]["ttft_ms"]) / 2  # between the slowest and the fastest
+    if by["f16"]["ttft_ms"] > by["q4_0"]["ttft_ms"]:
+        limited = plan(ref, src.sha256, prof, max_latency_ms=limit)
+        assert limited["winner"]["quant"] != "f16"
+    with pytest.raises(EdgekitError, match="nothing fits iphone-15-pro"):
+        plan(ref, src.sha256, prof, max_latency_ms=1e-6)
+    proc = run_cli("convert", str(tiny_dir / "model.gguf"), "--target", "iphone-15-pro", "--max-latency-ms", "0.000001",
+                   "-o", str(tmp_path / "never"))
+    assert proc.returncode != 0 and proc.stderr.count("error: ") == 1 and "nothing fits" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def loopback_server(tiny_dir):
+    """A real OpenAI-compatible server (llama-cpp-python's) on loopback, serving the tiny model."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_dir / "model.gguf"),
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("llama_cpp.server did not start on loopback")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_cloud_endpoint_is_measured(loopback_server):
+    from edgekit.targets.cloud import measure_endpoint
+
+    r = measure_endpoint(loopback_server, "Once upon a time", max_tokens=16, runs=3)
+    assert r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["spread"]["decode_tok_s"]["n"] == 3
+
+
+def test_profile_with_targets_and_cloud(tmp_path, tiny_dir, loopback_server):
+    proc = run_cli("profile", str(tiny_dir / "model.gguf"), "--json", "--no-quality", "--reps", "2", "--decode-tokens", "16",
+                   "-t", "raspberry-pi-5", "-t", "cloud-h100", "--cloud-url", loopback_server)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert set(r["targets"]) == {"raspberry-pi-5"}
+    t = r["targets"]["raspberry-pi-5"]
+    for key in ("decode_tok_s", "ttft_ms", "load_s", "peak_memory_bytes", "fits"):
+        assert key in t
+    assert r["cloud"]["cloud-h100"]["source"] == "simulated" and r["cloud"]["cloud-h100"]["usd_per_1k_tokens"] > 0
+    assert r["cloud"]["endpoint"]["decode_tok_s"] > 0
+    assert 0 < r["roofline_percent"]["decode"] and 0 < r["roofline_percent"]["prefill"]
+
+
+def test_unknown_target_is_one_line(tiny_dir):
+    proc = run_cli("profile", str(tiny_dir / "model.gguf"), "-t", "toaster")
+    assert proc.returncode != 0 and proc.stderr.count("error: ") == 1 and "raspberry-pi-5" in proc.stderr
+
+
+def test_report_command_writes_html(tmp_path, tiny_dir):
+    from edgekit.convert import convert
+
+    dirs = []
+    for quant in ("q8_0", "q4_0"):
+        convert(str(tiny_dir / "model.gguf"), "gguf", quant, tmp_path / quant, eval_tokens=512)
+        dirs.append(str(tmp_path / quant))
+    out = tmp_path / "report.html"
+    proc = run_cli("report", *dirs, "-o", str(out), "-t", "raspberry-pi-5", "-t", "cloud-a100")
+    assert proc.returncode == 0, proc.stderr
+    html = out.read_text()
+    assert html.count('class="plot"') == 4 and html.count("<svg") >= 4
