@@ -84,7 +84,7 @@ def main() -> None:
     for q in ("f16", "q8_0", "q4_0"):
         check_all("in-sample (fit quality)", q, cal, speeds[q])
 
-    t = Table(title=f"predicted vs measured on this host (copy {host['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s, "
+    t = Table(title=f"predicted vs measured on this host (read {host['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s, "
                     f"f32 matmul {host['compute_flops']['f32'] / 1e9:.0f} GFLOP/s)")
     for c in ("case", "artifact", "metric", "predicted", "measured", "error"):
         t.add_column(c)

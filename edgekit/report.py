@@ -57,7 +57,7 @@ def profile_table(r: dict[str, Any]) -> Table:
         t.add_row("quality", r["quality_note"])
     if r.get("roofline_percent"):
         rp = r["roofline_percent"]
-        t.add_row("% of host roofline", f"decode {rp['decode']:.0f}% of copy bandwidth, prefill {rp['prefill']:.0f}% of f32 matmul")
+        t.add_row("% of host roofline", f"decode {rp['decode']:.0f}% of read bandwidth, prefill {rp['prefill']:.0f}% of f32 matmul")
     return t
 
 
@@ -90,8 +90,8 @@ def predictions_table(r: dict[str, Any]) -> Table | None:
 
 
 def calibration_table(cal) -> Table:
-    t = Table(title=f"calibration {cal.runtime}/{cal.format} ({len(cal.points)} artifacts, host copy "
-                    f"{cal.host['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s, f32 matmul {cal.host['compute_flops']['f32'] / 1e9:.0f} GFLOP/s)")
+    t = Table(title=f"calibration {cal.runtime}/{cal.format} ({len(cal.points)} artifacts, host read "
+                    f"{cal.host['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s, f32 matmul {cal.host['compute_flops']['f32'] / 1e9:.0f} GFLOP/s)")
     for c in ("weight type", "decode: % of bandwidth roofline", "prefill: % of compute roofline"):
         t.add_column(c)
     eff = cal.efficiencies()
@@ -109,7 +109,7 @@ def targets_table(profiles: dict, host: dict | None = None) -> Table:
     for c in ("name", "kind", "bandwidth GB/s", "compute", "RAM GB", "budget GB", "formats"):
         t.add_column(c, no_wrap=c in ("name", "kind"))
     if host:
-        t.add_row("host", "cpu (measured)", f"{host['copy_bandwidth_bytes_s'] / 1e9:.1f} (copy)",
+        t.add_row("host", "cpu (measured)", f"{host['read_bandwidth_bytes_s'] / 1e9:.1f} (read)",
                   f"{host['compute_flops']['f32'] / 1e9:.0f} GFLOPS f32", f"{host['ram_bytes'] / 1e9:.1f}", "-", "gguf")
     for name, p in sorted(profiles.items()):
         bw = p.get("copy_bandwidth") or p.get("memory_bandwidth")

@@ -35,8 +35,19 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def _peak_rss_bytes() -> int:
-    # ru_maxrss is the true high-water mark (KiB on Linux, bytes on macOS); psutil only samples
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """The process's resident high-water mark.
+
+    On Linux this is VmHWM of the current address space: ru_maxrss would also count the parent's
+    memory at fork time (Linux carries it over exec), so a small worker started by a big parent
+    would report the parent's peak. psutil offers no high-water mark, only samples."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 

@@ -15,7 +15,7 @@ from edgekit.targets.host import host_figures
 
 # Three storage types with three different kernels: enough to fit one factor per type.
 DEFAULT_RECIPES = ("f16", "q8_0", "q4_0")
-CALIBRATION_CONFIG = SpeedConfig(reps=3, long_context=1024)
+CALIBRATION_CONFIG = SpeedConfig(reps=5, long_context=1024)
 
 
 def default_artifacts(log: Callable[[str], None], progress) -> list[Path]:

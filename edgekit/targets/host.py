@@ -1,4 +1,4 @@
-"""The special target ``host``: this machine, measured (copy bandwidth, matmul throughput, RAM, cores).
+"""The special target ``host``: this machine, measured (read and copy bandwidth, matmul throughput, RAM, cores).
 
 Figures are cached with a timestamp (``edgekit calibrate --remeasure`` refreshes them): they are the
 denominators of every "% of roofline" edgekit reports, so they must stay the same between commands.
@@ -31,6 +31,25 @@ def measure_copy_bandwidth(reps: int = 7) -> float:
     return COPY_BYTES / min(times)
 
 
+def measure_read_bandwidth(threads: int, reps: int = 5) -> float:
+    """Bytes read per second by ``threads`` threads summing disjoint slices of 512 MiB (numpy releases
+    the GIL in reductions). This is the decode roofline: llama.cpp streams weights on every thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    data = np.ones(2 * COPY_BYTES // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, parts))
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return data.nbytes / best
+
+
 def measure_matmul_flops(n: int = 1024, reps: int = 5) -> dict[str, float]:
     """Dense f32 matrix-multiply FLOP/s through numpy's BLAS, all cores (the dtype llama.cpp's prefill
     accumulates in; numpy has no fast f16 or int8 GEMM to measure)."""
@@ -48,7 +67,6 @@ def measure_matmul_flops(n: int = 1024, reps: int = 5) -> dict[str, float]:
 
 
 def measure_host() -> dict[str, Any]:
-    import os
     import platform
 
     import psutil
@@ -64,6 +82,7 @@ def measure_host() -> dict[str, Any]:
         "threads_used": default_threads(),
         "ram_bytes": psutil.virtual_memory().total,
         "copy_bandwidth_bytes_s": measure_copy_bandwidth(),
+        "read_bandwidth_bytes_s": measure_read_bandwidth(default_threads()),
         "compute_flops": measure_matmul_flops(),
         "storage_note": "artifacts are read from the page cache on repeated loads",
     }
@@ -82,7 +101,9 @@ def _cpu_name() -> str | None:
 def host_figures(remeasure: bool = False) -> dict[str, Any]:
     path = cache_dir() / "host.json"
     if path.exists() and not remeasure:
-        return json.loads(path.read_text())
+        figs = json.loads(path.read_text())
+        if "read_bandwidth_bytes_s" in figs:  # older caches lack it: measure again
+            return figs
     figs = measure_host()
     path.write_text(json.dumps(figs, indent=2))
     return figs

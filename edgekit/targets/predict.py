@@ -12,7 +12,8 @@ Prefill is compute-bound, with the same idea for FLOPs (``y_type``, ``y_attn``):
 
 The factors are fitted per (runtime, format) from host measurements (non-negative least squares, so
 no factor can go negative); B and C are the host's measured copy bandwidth and matmul throughput
-when fitting, and the device profile's figures when predicting. Peak memory is weights + the KV
+when fitting (all-thread read bandwidth; numpy's f32 GEMM), and the device profile's figures when
+predicting (published copy bandwidth, else datasheet bandwidth x COPY_OVER_PEAK_DEFAULT). Peak memory is weights + the KV
 cache allocated for the context + a runtime overhead fitted on the host.
 """
 
@@ -49,15 +50,21 @@ class Calibration:
     host: dict[str, Any]
     points: list[dict[str, Any]] = field(default_factory=list)
     fitted: str = ""
+    # resident bytes beyond the file, per byte of each weight type: runtimes repack some types into
+    # an interleaved copy (llama.cpp's CPU backend repacks Q4_0 for its SIMD kernels)
+    mem_extra: dict[str, float] = field(default_factory=dict)
+    x_shared: float = 0.0  # the factor a weight type never measured here gets
+    y_shared: float = 0.0
+    prefill_overhead_s: float = 0.0  # fixed cost of one prompt evaluation
 
     def efficiencies(self) -> dict[str, Any]:
         return {"decode": {t: 1 / v for t, v in self.x.items() if v > 0},
                 "prefill": {t: 1 / v for t, v in self.y.items() if v > 0}}
 
-    def _x(self, typ: str, table: dict[str, float]) -> float:
+    def _x(self, typ: str, table: dict[str, float], shared: float = 0.0) -> float:
         if typ in table:
             return table[typ]
-        return statistics.median(table.values()) if table else 1 / UNCALIBRATED_EFFICIENCY
+        return shared or (statistics.median(table.values()) if table else 1 / UNCALIBRATED_EFFICIENCY)
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -69,23 +76,43 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sol / scale
 
 
+def _fit_shrunk(rows: list[list[float]], rhs: list[float], n_types: int, shrink: float = 0.02) -> np.ndarray:
+    """Non-negative least squares where the first ``n_types`` factors are pulled toward one shared
+    value: a type measured only as a small share of some artifact (the Q8_0 output head inside a Q4_0
+    file) cannot take an absurd value, and a type never measured falls back to the shared one."""
+    a = np.array(rows, float)
+    b = np.array(rhs, float)
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
+    a = a / scale
+    # unknowns: [per-type..., other terms..., shared]; penalty rows sqrt(w) * (x_t - shared) = 0
+    w = np.sqrt(shrink) * np.abs(b).mean()
+    a = np.hstack([a, np.zeros((len(a), 1))])
+    pen = np.zeros((n_types, a.shape[1]))
+    for t in range(n_types):
+        pen[t, t] = w / scale[t]
+        pen[t, -1] = -w
+    from scipy.optimize import nnls
+
+    sol, _ = nnls(np.vstack([a, pen]), np.concatenate([b, np.zeros(n_types)]))
+    return np.concatenate([sol[:-1] / scale, sol[-1:]])
+
+
 def fit(points: list[dict[str, Any]], host: dict[str, Any]) -> Calibration:
     """Fit factors from measurement points: each {"facts": ArtifactFacts dict, "decode": [(ctx, tok_s)],
     "prefill": [(P, seconds)], "peak_rss_bytes", "n_ctx", "load_s"}."""
-    bw = host["copy_bandwidth_bytes_s"]
+    bw = host["read_bandwidth_bytes_s"]
     c = host["compute_flops"]["f32"]
     types = sorted({t for p in points for t in p["facts"]["bytes_by_type"] if t != "F32"})
-    cols = types + ["kv"]
     rows, rhs = [], []
     for p in points:
         f = p["facts"]
         for ctx, tok_s in p["decode"]:
             rows.append([f["bytes_by_type"].get(t, 0) for t in types] + [f["kv_bytes_per_token"] * ctx])
-            # F32 norms are a few hundred KB: streamed at the copy rate, not fitted
+            # F32 norms are a few hundred KB: streamed at the read rate, not fitted
             rhs.append(bw / tok_s - f["bytes_by_type"].get("F32", 0))
-    sol = _nnls(np.array(rows, float), np.array(rhs, float))
-    x = {t: float(v) for t, v in zip(types, sol[:-1])}
-    x_kv = float(sol[-1])
+    sol = _fit_shrunk(rows, rhs, len(types))
+    x = {t: float(v) for t, v in zip(types, sol[: len(types)])}
+    x_kv, x_shared = float(sol[len(types)]), float(sol[-1])
 
     ptypes = sorted({t for p in points for t in p["facts"]["params_by_type"]})
     rows, rhs = [], []
@@ -93,18 +120,24 @@ def fit(points: list[dict[str, Any]], host: dict[str, Any]) -> Calibration:
         f = p["facts"]
         for n, secs in p["prefill"]:
             rows.append([2 * f["params_by_type"].get(t, 0) * n for t in ptypes]
-                        + [f["attn_flops_per_token_per_ctx"] * n * n / 2])
+                        + [f["attn_flops_per_token_per_ctx"] * n * n / 2, c])  # last: a fixed per-call cost
             rhs.append(secs * c)
-    sol = _nnls(np.array(rows, float), np.array(rhs, float))
-    y = {t: float(v) for t, v in zip(ptypes, sol[:-1])}
-    y_attn = float(sol[-1])
+    sol = _fit_shrunk(rows, rhs, len(ptypes))
+    y = {t: float(v) for t, v in zip(ptypes, sol[: len(ptypes)])}
+    y_attn, prefill_overhead, y_shared = float(sol[len(ptypes)]), float(sol[len(ptypes) + 1]), float(sol[-1])
 
-    overheads = [p["peak_rss_bytes"] - p["facts"]["size_bytes"] - p["facts"]["kv_bytes_per_token"] * p["n_ctx"]
-                 for p in points]
+    # memory: the runtime's fixed overhead is what the leanest artifact needs beyond its file and KV
+    # cache; what other artifacts need beyond that is attributed to their weight types
+    resid = [p["peak_rss_bytes"] - p["facts"]["size_bytes"] - p["facts"]["kv_bytes_per_token"] * p["n_ctx"] for p in points]
+    overhead = float(min(resid))
+    mtypes = sorted({t for p in points for t in p["facts"]["bytes_by_type"] if t != "F32"})
+    extra = _nnls(np.array([[p["facts"]["bytes_by_type"].get(t, 0) for t in mtypes] for p in points], float),
+                  np.array([r - overhead for r in resid], float))
     loads = [p["load_s"] for p in points]
     return Calibration(points[0]["facts"]["runtime"], points[0]["facts"]["format"], x, x_kv, y, y_attn,
-                       float(statistics.median(overheads)), float(min(loads)), host, points,
-                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                       overhead, float(min(loads)), host, points,
+                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       {t: float(v) for t, v in zip(mtypes, extra)}, x_shared, y_shared, prefill_overhead)
 
 
 def point_from_speed(facts: ArtifactFacts, speed: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +196,7 @@ class Machine:
 
 
 def host_machine(host: dict[str, Any]) -> Machine:
-    return Machine("host", "cpu", host["copy_bandwidth_bytes_s"], host["compute_flops"]["f32"], None,
+    return Machine("host", "cpu", host["read_bandwidth_bytes_s"], host["compute_flops"]["f32"], None,
                    host["ram_bytes"], ("llamacpp",))
 
 
@@ -191,10 +224,10 @@ def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, pr
     unc = 1 / UNCALIBRATED_EFFICIENCY
 
     def xt(t):
-        return cal._x(t, cal.x) if calibrated else unc
+        return cal._x(t, cal.x, cal.x_shared) if calibrated else unc
 
     def yt(t):
-        return cal._x(t, cal.y) if calibrated else unc
+        return cal._x(t, cal.y, cal.y_shared) if calibrated else unc
 
     x_kv = cal.x_kv if calibrated else unc
     y_attn = cal.y_attn if calibrated else unc
@@ -202,9 +235,10 @@ def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, pr
     t_decode = (stream + facts.kv_bytes_per_token * context * x_kv) / m.bandwidth_bytes_s
     p = prompt_tokens
     flops = sum(2 * n * p * yt(t) for t, n in facts.params_by_type.items()) + facts.attn_flops_per_token_per_ctx * p * p / 2 * y_attn
-    t_prefill = flops / m.compute_flops
+    t_prefill = flops / m.compute_flops + (cal.prefill_overhead_s if calibrated else 0.0)
     n_ctx = n_ctx or max(context, 2048)
-    memory = facts.size_bytes + facts.kv_bytes_per_token * n_ctx + cal.mem_overhead_bytes
+    memory = (facts.size_bytes + facts.kv_bytes_per_token * n_ctx + cal.mem_overhead_bytes
+              + sum(b * cal.mem_extra.get(t, 0.0) for t, b in facts.bytes_by_type.items()))
     load = cal.load_overhead_s + (facts.size_bytes / m.storage_read_bytes_s if m.storage_read_bytes_s else 0.0)
     roofline_decode = m.bandwidth_bytes_s / (facts.bytes_per_token + facts.kv_bytes_per_token * context)
     out = {
@@ -231,6 +265,6 @@ def roofline_percent(facts: ArtifactFacts, speed: dict[str, Any], host: dict[str
     """How close measured host figures come to the host's roofline ceilings (in %)."""
     st = speed["settings"]
     ctx = st["prompt_tokens"] + st["decode_tokens"] / 2
-    decode_ceiling = host["copy_bandwidth_bytes_s"] / (facts.bytes_per_token + facts.kv_bytes_per_token * ctx)
+    decode_ceiling = host["read_bandwidth_bytes_s"] / (facts.bytes_per_token + facts.kv_bytes_per_token * ctx)
     prefill_ceiling = host["compute_flops"]["f32"] / (2 * sum(facts.params_by_type.values()))
     return {"decode": 100 * speed["decode_tok_s"] / decode_ceiling, "prefill": 100 * speed["prefill_tok_s"] / prefill_ceiling}

@@ -66,7 +66,7 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
     return {
         "title": "edgekit report",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": hi | {"copy_bandwidth_gbs": host["copy_bandwidth_bytes_s"] / 1e9,
+        "host": hi | {"copy_bandwidth_gbs": host["read_bandwidth_bytes_s"] / 1e9,
                       "compute_f32_gflops": host["compute_flops"]["f32"] / 1e9},
         "artifacts": artifacts,
         "cloud": cloud,
