@@ -76,7 +76,7 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sol / scale
 
 
-def _fit_shrunk(rows: list[list[float]], rhs: list[float], n_types: int, shrink: float = 0.02) -> np.ndarray:
+def _fit_shrunk(rows: list[list[float]], rhs: list[float], n_types: int, shrink: float = 0.002) -> np.ndarray:
     """Non-negative least squares where the first ``n_types`` factors are pulled toward one shared
     value: a type measured only as a small share of some artifact (the Q8_0 output head inside a Q4_0
     file) cannot take an absurd value, and a type never measured falls back to the shared one."""
