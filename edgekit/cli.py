@@ -166,6 +166,7 @@ def report(
     context: int = typer.Option(1024, help="Context length for predicted decode speed."),
     prompt_tokens: int = typer.Option(128, help="Prompt length for predicted time to first token."),
     profiles_dir: List[str] = typer.Option([], "--profiles-dir", help="Extra directory of device profiles (repeatable)."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Measure every artifact again instead of reusing its last profile."),
 ) -> None:
     """Write a self-contained HTML report: size vs quality vs predicted latency, Pareto frontier, measured vs predicted."""
     from edgekit.progress import progress_bars
@@ -174,7 +175,7 @@ def report(
 
     with progress_bars() as progress:
         data = collect([str(d) for d in dirs], list(target) or None, True, list(profiles_dir) or None, context,
-                       prompt_tokens, progress)
+                       prompt_tokens, progress, remeasure)
     path = render_report(data, out)
     _console().print(f"wrote {path}")
 

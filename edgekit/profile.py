@@ -97,7 +97,9 @@ def save_profile_result(file: Path, result: dict[str, Any]) -> None:
     """Keep the latest measured figures per artifact (by content hash) for `edgekit report`."""
     import json
 
-    _profile_cache(file).write_text(json.dumps(result))
+    import time
+
+    _profile_cache(file).write_text(json.dumps(result | {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
 
 
 def load_profile_result(file: Path) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from edgekit.errors import InputError
 
 def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_missing: bool = True,
             profile_dirs: list[str] | None = None, context: int = 1024, prompt_tokens: int = 128,
-            progress: Callable[[str, int, int], None] = lambda d, a, b: None) -> dict[str, Any]:
+            progress: Callable[[str, int, int], None] = lambda d, a, b: None, remeasure: bool = False) -> dict[str, Any]:
     from edgekit.harness.quality import read_text
     from edgekit.harness.speed import SpeedConfig, measure
     from edgekit.profile import host_info, load_profile_result, save_profile_result
@@ -34,7 +34,7 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
     for i, d in enumerate(dirs):
         file, _, manifest = resolve_artifact(d)
         facts = artifact_facts(file)
-        measured = load_profile_result(file)
+        measured = None if remeasure else load_profile_result(file)
         if measured is None and measure_missing:
             measured = measure(str(file), text, SpeedConfig(reps=3))
             save_profile_result(file, measured)
@@ -47,7 +47,7 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
         }
         cal = None
         if measured:
-            entry["measured"] = {k: measured.get(k) for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_bytes", "load_s")}
+            entry["measured"] = {k: measured.get(k) for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_bytes", "load_s", "measured_at")}
             cal, _ = calibration_for(facts, measured, host)
             st = measured["settings"]
             entry["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host), int(st["prompt_tokens"] + st["decode_tokens"] / 2),
