@@ -192,3 +192,14 @@ def test_report_command_writes_html(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr
     html = out.read_text()
     assert html.count('class="plot"') == 4 and html.count("<svg") >= 4
+
+
+def test_fit_from_a_single_artifact_is_finite():
+    """One artifact with two weight types is under-determined: the fit must still return usable factors
+    (scipy's nnls aborted the whole process on this shape)."""
+    spec = tiny_model().spec
+    p = synthetic_point(estimate_gguf_facts(spec, "q4_0"), {"Q4_0": 2.0, "Q8_0": 1.5}, 3.0, {"Q4_0": 2.0, "Q8_0": 2.0}, 3.0)
+    cal = pr.fit([p], HOST)
+    assert all(np.isfinite(v) and v >= 0 for v in [*cal.x.values(), *cal.y.values(), cal.x_kv, cal.y_attn])
+    pred = pr.predict(estimate_gguf_facts(spec, "q4_0"), cal, pr.host_machine(HOST), 1056, 512)
+    assert pred["decode_tok_s"] == pytest.approx(p["decode"][1][1], rel=0.05)

@@ -67,13 +67,18 @@ class Calibration:
         return shared or (statistics.median(table.values()) if table else 1 / UNCALIBRATED_EFFICIENCY)
 
 
-def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from scipy.optimize import nnls
+def _solve_nonneg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min ||a x - b|| subject to x >= 0. scipy's bounded least squares (BVLS) rather than its
+    ``nnls``: the latter aborts the process on under-determined systems (one artifact, two types)."""
+    from scipy.optimize import lsq_linear
 
+    return lsq_linear(a, b, bounds=(0, np.inf), method="bvls").x
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # noqa: D103 (name kept: non-negative least squares)
     # scale columns so the solver sees comparable magnitudes
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
-    sol, _ = nnls(a / scale, b)
-    return sol / scale
+    return _solve_nonneg(a / scale, b) / scale
 
 
 def _fit_shrunk(rows: list[list[float]], rhs: list[float], n_types: int, shrink: float = 0.002) -> np.ndarray:
@@ -91,9 +96,7 @@ def _fit_shrunk(rows: list[list[float]], rhs: list[float], n_types: int, shrink:
     for t in range(n_types):
         pen[t, t] = w / scale[t]
         pen[t, -1] = -w
-    from scipy.optimize import nnls
-
-    sol, _ = nnls(np.vstack([a, pen]), np.concatenate([b, np.zeros(n_types)]))
+    sol = _solve_nonneg(np.vstack([a, pen]), np.concatenate([b, np.zeros(n_types)]))
     return np.concatenate([sol[:-1] / scale, sol[-1:]])
 
 
