@@ -278,7 +278,8 @@ def rewrite(proto, model: Model) -> dict[str, int]:
     sg.finish()
     floats = {1: "F32", 10: "F16"}
     for t in sg.graph.initializer:
-        if t.data_type in floats and len(t.dims) >= 1 and int(np.prod(t.dims)) > 1:
+        packed = t.name.endswith((".MatMulNBits.scales", "embed.scales"))  # scales belong to the packed tensor
+        if t.data_type in floats and not packed and len(t.dims) >= 1 and int(np.prod(t.dims)) > 1:
             sg._count(floats[t.data_type])
     return sg.counts
 

@@ -75,9 +75,8 @@ class Decoder(torch.nn.Module):
         var = x.pow(2).mean(-1, keepdim=True)
         return w * (x * torch.rsqrt(var + self.spec.rms_norm_eps))
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1] // 2
+    def _rotate_half(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.spec.head_dim // 2  # a Python int: constant slices in the graph
         return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
     def forward(self, input_ids, position_ids, *past):

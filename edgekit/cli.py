@@ -186,7 +186,8 @@ def plugins() -> None:
     from edgekit.registry import EXPORTERS, PASSES, RUNTIMES
 
     for reg in (PASSES, EXPORTERS, RUNTIMES):
-        print(f"{reg.kind}s ({reg.group}): {', '.join(reg.names())}")
+        kind = reg.kind + ("es" if reg.kind.endswith("s") else "s")
+        print(f"{kind} ({reg.group}): {', '.join(reg.names())}")
 
 
 def main() -> None:

@@ -153,8 +153,9 @@ def convert(model: str | None = None, format: str = "gguf", quant: str | None = 
             "model": {"name": reference.name, "architecture": reference.spec.arch,
                       "parameters": reference.num_parameters(), "spec": reference.spec.to_dict()},
             "recipe": {"quant": quant, "passes": [record], "calibration": calib_info or None},
-            "size_bytes": artifact.stat().st_size,
-            "bits_per_weight": stats.get("bits_per_weight", work.bits_per_weight()),
+            # everything a runtime needs (weights, external data, tokenizer), not only the main file
+            "size_bytes": sum(p.stat().st_size for p in stage.iterdir() if p.is_file()),
+            "bits_per_weight": stats.get("bits_per_weight") or weight_file_bits(stage, exporter.filename, work),
             "quality": quality,
             "validation": validation,
             "timings_s": timings,
@@ -166,6 +167,12 @@ def convert(model: str | None = None, format: str = "gguf", quant: str | None = 
 
     record_quality(source.sha256, quant, format, quality, manifest["size_bytes"])
     return manifest
+
+
+def weight_file_bits(stage: Path, filename: str, model: Model) -> float:
+    """Bits per parameter of the file(s) holding the weights (the model file and its external data)."""
+    files = [p for p in stage.iterdir() if p.is_file() and p.name.startswith(filename)]
+    return 8 * sum(p.stat().st_size for p in files) / max(1, model.num_parameters())
 
 
 def check_tokenizer(session: Any, tokenize: Callable[[str], list[int]], text: str, artifact: str) -> None:

@@ -34,8 +34,15 @@ def test_no_generic_top_level_names():
 
 
 def test_wheel_in_fresh_venv(tmp_path):
+    import shutil
+
+    # build from a copy: building in place rewrites edgekit_ml.egg-info in the repository, which then
+    # shadows the editable install's entry points for everything run from the repository root
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "out", "*.egg-info", "__pycache__",
+                                                              "build", "dist", "artifacts"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
                    check=True, capture_output=True)
     wheel = next(dist.glob("edgekit_ml-*.whl"))
     env_dir = tmp_path / "venv"
