@@ -7,6 +7,7 @@ is opened, so listing runtimes stays cheap.
 
 from __future__ import annotations
 
+import codecs
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 if TYPE_CHECKING:  # importing the package must stay free of heavy dependencies
@@ -25,3 +26,41 @@ class Session(Protocol):
     def generate(self, prompt: str, max_tokens: int = 128, stream: bool = False, **kw: Any) -> Any: ...
     def logits(self, token_ids: Sequence[int]) -> np.ndarray: ...
     def close(self) -> None: ...
+
+
+class TextSession:
+    """What every backend's session shares: text generation on top of ``stream_tokens``, and lifetime.
+
+    A backend implements ``tokenize``, ``chat_prompt``, ``stream_tokens``, ``_token_bytes`` and ``close``.
+    """
+
+    def generate(self, prompt: str, max_tokens: int = 128, stream: bool = False, temperature: float = 0.0,
+                 chat: bool = False) -> Any:
+        """Continue ``prompt`` (or answer it through the chat template when ``chat``); text or a stream of text."""
+        text = self.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+        ids = self.tokenize(text, special=chat)
+        pieces = self._pieces(self.stream_tokens(ids, max_tokens, temperature))
+        return pieces if stream else "".join(pieces)
+
+    def _pieces(self, tokens: Iterator[int]) -> Iterator[str]:
+        # a token can end in the middle of a UTF-8 character: decode incrementally
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for tok in tokens:
+            piece = dec.decode(self._token_bytes(tok))
+            if piece:
+                yield piece
+        tail = dec.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -6,7 +6,6 @@ default is half of them, which halves decode speed on a 2-core machine).
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
 import sys
@@ -16,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from edgekit.errors import InputError, MissingDependencyError
+from edgekit.runtimes import TextSession
 
 
 _LOG_CALLBACK = None
@@ -44,7 +44,7 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-class LlamaCppSession:
+class LlamaCppSession(TextSession):
     """A loaded GGUF model: generation (optionally streamed), raw logits, chat formatting."""
 
     runtime = "llamacpp"
@@ -71,6 +71,9 @@ class LlamaCppSession:
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def _token_bytes(self, tok: int) -> bytes:
+        return self._llm.detokenize([tok])
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
@@ -115,25 +118,6 @@ class LlamaCppSession:
             if n + 1 >= max_tokens:
                 return
 
-    def generate(self, prompt: str, max_tokens: int = 128, stream: bool = False, temperature: float = 0.0,
-                 chat: bool = False) -> str | Iterator[str]:
-        """Continue ``prompt`` (or answer it through the chat template when ``chat``); text or a stream of text."""
-        text = self.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
-        ids = self.tokenize(text, special=chat)
-        pieces = self._pieces(self.stream_tokens(ids, max_tokens, temperature))
-        return pieces if stream else "".join(pieces)
-
-    def _pieces(self, tokens: Iterator[int]) -> Iterator[str]:
-        # a token can end in the middle of a UTF-8 character: decode incrementally
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for tok in tokens:
-            piece = dec.decode(self._llm.detokenize([tok]))
-            if piece:
-                yield piece
-        tail = dec.decode(b"", final=True)
-        if tail:
-            yield tail
-
     # ------------------------------------------------------------------ scoring
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -165,18 +149,6 @@ class LlamaCppSession:
         if getattr(self, "_llm", None) is not None:
             self._llm.close()
             self._llm = None
-
-    def __enter__(self) -> "LlamaCppSession":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class LlamaCppRuntime:

@@ -12,7 +12,6 @@ ORT's default thread settings behave like a single thread on these VMs.
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 from datetime import datetime
@@ -22,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from edgekit.errors import InputError, MissingDependencyError
+from edgekit.runtimes import TextSession
 
 CONFIG_FILE = "onnx_config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -58,7 +58,7 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-class OnnxRuntimeSession:
+class OnnxRuntimeSession(TextSession):
     """A loaded ONNX decoder: generation (optionally streamed), raw logits, chat formatting."""
 
     runtime = "onnxruntime"
@@ -262,25 +262,6 @@ class OnnxRuntimeSession:
                 return
             last = self._step([tok])[-1]
 
-    def generate(self, prompt: str, max_tokens: int = 128, stream: bool = False, temperature: float = 0.0,
-                 chat: bool = False) -> str | Iterator[str]:
-        """Continue ``prompt`` (or answer it through the chat template when ``chat``); text or a stream of text."""
-        text = self.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
-        ids = self.tokenize(text, special=chat)
-        pieces = self._pieces(self.stream_tokens(ids, max_tokens, temperature))
-        return pieces if stream else "".join(pieces)
-
-    def _pieces(self, tokens: Iterator[int]) -> Iterator[str]:
-        # a token can end in the middle of a UTF-8 character: decode incrementally
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for tok in tokens:
-            piece = dec.decode(self._token_bytes(tok))
-            if piece:
-                yield piece
-        tail = dec.decode(b"", final=True)
-        if tail:
-            yield tail
-
     # ------------------------------------------------------------------ scoring
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -304,18 +285,6 @@ class OnnxRuntimeSession:
         self._past = []
         self._io = None
         self._sess = None
-
-    def __enter__(self) -> "OnnxRuntimeSession":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class OnnxRuntimeRuntime:
