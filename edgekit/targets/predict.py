@@ -15,6 +15,10 @@ no factor can go negative); B and C are the host's measured copy bandwidth and m
 when fitting (all-thread read bandwidth; numpy's f32 GEMM), and the device profile's figures when
 predicting (published copy bandwidth, else datasheet bandwidth x COPY_OVER_PEAK_DEFAULT). Peak memory is weights + the KV
 cache allocated for the context + a runtime overhead fitted on the host.
+
+A weight type must be calibrated before it is predicted: kernel efficiencies differ about 2x between
+types here (benchmarks/bench_targets.py holds one type out and misses by 20-30%), so a type never
+measured gets only the shared factor, and the prediction says which calibration it rests on.
 """
 
 from __future__ import annotations
