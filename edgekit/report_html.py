@@ -296,16 +296,21 @@ def _safe_plot(fig_id: str, title: str, fn: Callable[[], str]) -> str:
 
 # ---------------------------------------------------------------------------- plot 1: overview
 
-def _plot_size_quality_latency(arts: list[dict]) -> str:
-    fig_id, title = "size-quality-latency", "Size, quality and predicted speed"
-    pts = []  # (artifact, size MB, kld)
-    skipped = []
+def _size_kld_points(arts: list[dict]) -> tuple[list[tuple[dict, float, float]], list[str]]:
+    """(artifact, size in MB, mean KLD) for artifacts that have both, and the names of those that do not."""
+    pts, skipped = [], []
     for a in arts:
         size, kld = _num(a.get("size_bytes")), _num(_d(a.get("quality")).get("kld_mean"))
         if size is None or kld is None:
             skipped.append(a["name"])
         else:
             pts.append((a, size / 1e6, kld))
+    return pts, skipped
+
+
+def _plot_size_quality_latency(arts: list[dict]) -> str:
+    fig_id, title = "size-quality-latency", "Size, quality and predicted speed"
+    pts, skipped = _size_kld_points(arts)
     if not pts:
         return _no_data(fig_id, title, "no artifact has both a size and a measured KL divergence")
 
@@ -425,13 +430,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def _plot_pareto(arts: list[dict]) -> str:
     fig_id, title = "pareto", "Pareto frontier: size vs quality"
-    pts, skipped = [], []
-    for a in arts:
-        size, kld = _num(a.get("size_bytes")), _num(_d(a.get("quality")).get("kld_mean"))
-        if size is None or kld is None:
-            skipped.append(a["name"])
-        else:
-            pts.append((a, size / 1e6, kld))
+    pts, skipped = _size_kld_points(arts)
     if not pts:
         return _no_data(fig_id, title, "no artifact has both a size and a measured KL divergence")
     import matplotlib
