@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+# names of the two factors that replace ``<linear>.weight`` after low-rank factorization
+LOWRANK_A, LOWRANK_B = ".lowrank_a.weight", ".lowrank_b.weight"
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,47 @@ class Model:
         total = sum(self.tensors[n].size * self.encoding(n).bits_per_weight for n in self.tensors)
         return total / max(1, self.num_parameters())
 
+    def tensor_order(self) -> list[str]:
+        """Every tensor present, in the spec's order; a factorized linear lists its two factors in its place."""
+        names = []
+        for n in self.spec.tensor_names():
+            if n in self.tensors:
+                names.append(n)
+                continue
+            factors = self.lowrank_factors(n[: -len(".weight")]) if n.endswith(".weight") else None
+            if factors:
+                names += list(factors)
+        return names
+
     def linear_names(self) -> list[str]:
-        """The 2-D matrices that quantization passes may encode (not the norms)."""
-        return [n for n in self.spec.tensor_names() if self.tensors[n].ndim == 2]
+        """The 2-D matrices that quantization passes may encode (not the norms), factors of low-rank layers included."""
+        return [n for n in self.tensor_order() if self.tensors[n].ndim == 2]
+
+    def lowrank_factors(self, base: str) -> tuple[str, str] | None:
+        """``(A, B)`` names when the linear ``base`` (e.g. ``model.layers.0.mlp.up_proj``) is factorized.
+
+        ``y = (x @ A^T) @ B^T`` with A ``[rank, in]`` applied first and B ``[out, rank]``; ``base.weight``
+        is then absent. Exporters that cannot express two matrices in place of one refuse such models.
+        """
+        a, b = base + LOWRANK_A, base + LOWRANK_B
+        return (a, b) if a in self.tensors and b in self.tensors else None
+
+    def is_factorized(self) -> bool:
+        return any(n.endswith(LOWRANK_A) for n in self.tensors)
+
+    def layer_widths(self, i: int) -> dict[str, int]:
+        """Layer ``i``'s real widths, read from its tensors (structured pruning may make layers differ)."""
+        p, hd = f"model.layers.{i}.", self.spec.head_dim
+
+        def rows(base: str) -> int:
+            f = self.lowrank_factors(base)
+            return int(self.tensors[f[1] if f else base + ".weight"].shape[0])
+
+        return {"heads": rows(p + "self_attn.q_proj") // hd, "kv_heads": rows(p + "self_attn.k_proj") // hd,
+                "intermediate": rows(p + "mlp.gate_proj")}
+
+    def is_uniform(self) -> bool:
+        """True when every layer has the spec's widths (what formats with one width per model need)."""
+        s = self.spec
+        want = {"heads": s.num_heads, "kv_heads": s.num_kv_heads, "intermediate": s.intermediate_size}
+        return all(self.layer_widths(i) == want for i in range(s.num_layers))
