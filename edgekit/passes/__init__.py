@@ -19,7 +19,11 @@ class PassContext:
 
     calibration_tokens: Callable[[], list[list[int]]] | None = None
     progress: Callable[[str, int, int], None] = lambda desc, done, total: None
+    # what the export format can express, e.g. {"per_layer_widths": True}
     options: dict[str, Any] = field(default_factory=dict)
+    # the uncompressed model: the teacher for recovery by distillation
+    reference: Model | None = None
+    log: Callable[[str], None] = lambda s: None
 
 
 class Pass:
@@ -28,6 +32,10 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # the parameters a recipe may set, with their types (anything else in a recipe is an error)
+    param_types: ClassVar[dict[str, type]] = {}
+    # structural passes change shapes; the others only choose how each tensor is stored
+    structural: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.params = params

@@ -4,8 +4,9 @@ Numbers land in the same container as Q4_0 (symmetric integers in [-8, 7], one f
 weights) so any llama.cpp reads them, and ONNX / Core ML pack the very same integers. What differs
 from round-to-nearest is how the numbers are chosen, driven by calibration text:
 
-1. Activation statistics: the float model runs over calibration tokens and, for every linear layer,
-   accumulates the input Gram matrix H = sum x x^T (the GPTQ Hessian of the layer's squared error).
+1. Activation statistics: the model (as earlier passes left it) runs over calibration tokens and, for
+   every linear layer, accumulates the input Gram matrix H = sum x x^T (the GPTQ Hessian of the layer's
+   squared error); see :func:`edgekit.torch_llama.collect_input_grams`.
 2. Scale search: each block's scale is chosen among a grid of candidates to minimise the
    activation-weighted error sum_i H_ii (w_i - d q_i)^2, not the unweighted max rule.
 3. GPTQ error compensation: columns are quantized in order and each column's rounding error is
@@ -29,51 +30,6 @@ from edgekit.passes.rtn import quantize_q8_0
 
 BLOCK = 32
 QMIN, QMAX = -8, 7
-
-
-def collect_hessians(model: Model, sequences: list[list[int]], progress=None) -> dict[str, Any]:
-    """Input Gram matrices (mean of x x^T, float64) of every linear layer over the calibration tokens."""
-    import torch
-
-    from edgekit.reference import build_torch_model
-
-    net = build_torch_model(model)
-    acc: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(key: str):
-        def fn(_mod, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            acc[key] = acc.get(key, 0) + x.T @ x
-            counts[key] = counts.get(key, 0) + x.shape[0]
-
-        return fn
-
-    handles = []
-    # q/k/v share their input, as do gate/up: one Gram matrix each
-    for i, layer in enumerate(net.model.layers):
-        p = f"model.layers.{i}."
-        handles.append(layer.self_attn.q_proj.register_forward_pre_hook(hook(p + "attn_in")))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook(p + "attn_out")))
-        handles.append(layer.mlp.gate_proj.register_forward_pre_hook(hook(p + "mlp_in")))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook(p + "mlp_down")))
-    with torch.inference_mode():
-        for k, seq in enumerate(sequences):
-            net(input_ids=torch.tensor([seq], dtype=torch.long), use_cache=False)
-            if progress:
-                progress("calibration forward", k + 1, len(sequences))
-    for h in handles:
-        h.remove()
-    return {k: (v / counts[k]) for k, v in acc.items()}
-
-
-def hessian_key(name: str) -> str:
-    layer = name.split(".self_attn.")[0].split(".mlp.")[0] + "."
-    for suffix, key in (("q_proj", "attn_in"), ("k_proj", "attn_in"), ("v_proj", "attn_in"),
-                        ("o_proj", "attn_out"), ("gate_proj", "mlp_in"), ("up_proj", "mlp_in"), ("down_proj", "mlp_down")):
-        if f".{suffix}." in name:
-            return layer + key
-    raise KeyError(name)
 
 
 def _scale_grid(n: int = 24) -> np.ndarray:
@@ -156,11 +112,12 @@ class Int4Pass(Pass):
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         from edgekit.passes.rtn import quantize_q4_0
+        from edgekit.torch_llama import collect_input_grams, input_key
 
         if ctx.calibration_tokens is None:
             raise ValueError("int4 needs calibration tokens")
         seqs = ctx.calibration_tokens()
-        hessians = collect_hessians(model, seqs, ctx.progress)
+        hessians = collect_input_grams(model, seqs, ctx.progress)
         names = model.linear_names()
         gains = []
         for k, n in enumerate(names):
@@ -168,7 +125,7 @@ class Int4Pass(Pass):
             if is_output_head(model, n):
                 model.encodings[n] = quantize_q8_0(w)
                 continue
-            H = hessians[hessian_key(n)]
+            H = hessians[input_key(n)]
             bq = gptq_quantize(w, H, damp=float(self.params.get("damp", 0.01)))
             # keep a record of what the data-aware search bought over round-to-nearest, per layer
             gains.append(layer_output_error(w, quantize_q4_0(w), H) / max(layer_output_error(w, bq, H), 1e-30))
