@@ -38,6 +38,28 @@ def pack_q8_0(bq: BlockQuant) -> np.ndarray:
     return np.concatenate([d, qs], axis=-1).reshape(rows, nb * 34)
 
 
+def pack_tq2_0(bq: BlockQuant) -> np.ndarray:
+    """Ternary blocks of 256 as GGML TQ2_0, through gguf's own quantizer (checked to round-trip exactly).
+
+    TQ2_0 stores q+1 in 2 bits and d = max|x| per 256 values: for weights that are already ternary x
+    an fp16 scale, d equals that scale and every value comes back exactly. The check makes sure.
+    """
+    from gguf.quants import dequantize, quantize
+
+    T = __import__("gguf").GGMLQuantizationType.TQ2_0
+    w = bq.dequantize()
+    packed = quantize(w, T)
+    if not np.array_equal(dequantize(packed, T), w):
+        raise ValueError("TQ2_0 could not hold these ternary values exactly")
+    return packed
+
+
+def as_q4_0_blocks(bq: BlockQuant) -> BlockQuant:
+    """The same ternary values in Q4_0's container (blocks of 32 sharing their block's scale): exact."""
+    rep = bq.block_size // 32
+    return BlockQuant(bq.q, np.repeat(bq.scales, rep, axis=1), bits=4, block_size=32)
+
+
 def _permute_rows(bq: BlockQuant, heads: int) -> BlockQuant:
     # the q/k permutation moves whole rows, so integers and scales move with them unchanged
     return BlockQuant(permute_qk(bq.q, heads), permute_qk(bq.scales, heads), bq.bits, bq.block_size)
@@ -57,6 +79,10 @@ def encode_tensor(model: Model, hf_name: str) -> tuple[np.ndarray, Any, str]:
             return pack_q4_0(enc), T.Q4_0, "Q4_0"
         if enc.bits == 8 and enc.block_size == 32:
             return pack_q8_0(enc), T.Q8_0, "Q8_0"
+        if enc.bits == 2 and enc.block_size == 256:
+            return pack_tq2_0(enc), T.TQ2_0, "TQ2_0"
+        if enc.bits == 2 and enc.block_size % 32 == 0:  # rows that TQ2_0's 256-blocks cannot tile
+            return pack_q4_0(as_q4_0_blocks(enc)), T.Q4_0, "Q4_0 (ternary fallback)"
         raise ValueError(f"GGUF has no block type for {enc.bits}-bit blocks of {enc.block_size}")
     arr = model.tensors[hf_name]
     if heads is not None:
@@ -70,7 +96,7 @@ def _file_type(type_names: list[str]) -> int:
     import gguf
 
     F = gguf.LlamaFileType
-    for t, ft in (("Q4_0", F.MOSTLY_Q4_0), ("Q8_0", F.MOSTLY_Q8_0), ("F16", F.MOSTLY_F16)):
+    for t, ft in (("TQ2_0", F.MOSTLY_TQ2_0), ("Q4_0", F.MOSTLY_Q4_0), ("Q8_0", F.MOSTLY_Q8_0), ("F16", F.MOSTLY_F16)):
         if t in type_names:
             return int(ft)
     return int(F.ALL_F32)
@@ -83,11 +109,20 @@ class GGUFExporter:
     filename = "model.gguf"
     runtime = "llamacpp"
 
+    # what a recipe may ask of this format (checked before any pass runs)
+    supports_lowrank = False
+    per_layer_widths = False
+
     def supports(self, model: Model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        if model.is_factorized():
+            return "llama.cpp's llama architecture has no factorized (low-rank) linear layers; --format onnx can hold them"
+        if not model.is_uniform():
+            return "layers have different widths after pruning; prune with uniform widths or use --format onnx"
         for n in model.tensors:
             enc = model.encoding(n)
-            if isinstance(enc, BlockQuant) and (enc.block_size, enc.bits) not in ((32, 4), (32, 8)):
+            ok = (enc.block_size, enc.bits) in ((32, 4), (32, 8)) or (enc.bits == 2 and enc.block_size % 32 == 0)
+            if isinstance(enc, BlockQuant) and not ok:
                 return f"{n}: {enc.bits}-bit blocks of {enc.block_size} have no GGUF type"
         return None
 
@@ -131,4 +166,9 @@ class GGUFExporter:
         counts: dict[str, int] = {}
         for t in types.values():
             counts[t] = counts.get(t, 0) + 1
-        return {"file": self.filename, "tensor_types": counts}
+        info: dict[str, Any] = {"file": self.filename, "tensor_types": counts}
+        fallback = sorted(n for n, t in types.items() if "fallback" in t)
+        if fallback:
+            info["ternary_fallback"] = {"container": "Q4_0 (holds the same ternary values exactly)",
+                                        "why": "rows not a multiple of TQ2_0's 256-value blocks", "tensors": fallback}
+        return info

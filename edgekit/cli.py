@@ -13,7 +13,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a model, export it for the edge, and measure how it runs.")
 
-QUANTS = "f16, q8_0, q4_0 (round-to-nearest), int4 (data-aware)"
+QUANTS = "fp32, f16, int8 / q8_0, q4_0 (round-to-nearest), int4 (data-aware), ternary"
 
 
 def _console(stderr: bool = False):
@@ -39,8 +39,24 @@ def convert(
     max_kld: Optional[float] = typer.Option(None, help="With --target: highest acceptable mean KL divergence from the reference."),
     min_quality: Optional[float] = typer.Option(None, help="With --target: lowest acceptable top-1 agreement with the reference (0-1)."),
     profiles_dir: List[str] = typer.Option([], "--profiles-dir", help="Extra directory of device profiles (repeatable)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="A built-in recipe (see `edgekit recipes`) or a recipe TOML file."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Fraction of MLP channels to remove (structured pruning)."),
+    prune_heads: Optional[float] = typer.Option(None, "--prune-heads", help="Fraction of query heads to remove in each grouped-query group."),
+    rank: Optional[float] = typer.Option(None, "--rank", help="Low-rank factorization keeping this fraction of the linear layers' parameters."),
+    rank_method: Optional[str] = typer.Option(None, "--rank-method", help="whitened (activation-aware, default) or plain SVD."),
+    recover: Optional[int] = typer.Option(None, "--recover", help="Distillation steps after pruning / ternary (a few minutes per 100 on 2 cores)."),
+    uniform: Optional[bool] = typer.Option(None, "--uniform/--per-layer", help="Prune every layer to the same width (default: per-layer where the format allows)."),
 ) -> None:
     """Convert a model into a compressed artifact, validated against the float reference."""
+    from edgekit import recipes
+
+    the_recipe = None
+    if recipe and any(v is not None for v in (prune, prune_heads, rank, recover)):
+        raise typer.BadParameter("--recipe does not combine with --prune/--prune-heads/--rank/--recover")
+    if recipe:
+        the_recipe = recipes.load(recipe)
+    elif any(v is not None for v in (prune, prune_heads, rank, recover)):
+        the_recipe = recipes.from_flags(quant, prune, prune_heads, rank, rank_method, recover, uniform)
     from edgekit.convert import convert as run_convert
     from edgekit.progress import progress_bars
 
@@ -51,12 +67,14 @@ def convert(
                                log=lambda s: err.print(f"[dim]{s}[/dim]") if not json_out else None,
                                target=target, profile_dirs=list(profiles_dir) or None,
                                limits={"max_latency_ms": max_latency_ms, "min_tok_s": min_tok_s, "max_kld": max_kld,
-                                       "min_top1": min_quality})
+                                       "min_top1": min_quality}, recipe=the_recipe)
     if json_out:
         print(json.dumps(manifest, indent=2))
         return
     from edgekit.report import manifest_table, plan_table
 
+    if manifest["artifact"].get("kind") == "encoder":
+        from edgekit.harness.embedding import manifest_table
     if "plan" in manifest:
         _console().print(plan_table(manifest["plan"]))
     _console().print(manifest_table(manifest, out))
@@ -110,6 +128,8 @@ def profile(
         return
     from edgekit.report import predictions_table, profile_table
 
+    if result.get("kind") == "encoder":
+        from edgekit.harness.embedding import profile_table
     _console().print(profile_table(result))
     extra = predictions_table(result)
     if extra is not None:
@@ -178,6 +198,25 @@ def report(
                        prompt_tokens, progress, remeasure)
     path = render_report(data, out)
     _console().print(f"wrote {path}")
+
+
+@app.command("recipes")
+def list_recipes(json_out: bool = typer.Option(False, "--json", help="Print the recipes as JSON.")) -> None:
+    """List the built-in recipes (use one with `edgekit convert --recipe NAME`)."""
+    from rich.table import Table
+
+    from edgekit import recipes
+
+    items = [recipes.load(n) for n in recipes.builtin_names()]
+    if json_out:
+        print(json.dumps([r.to_dict() for r in items], indent=2))
+        return
+    table = Table(title="built-in recipes")
+    for col in ("name", "passes", "description"):
+        table.add_column(col)
+    for r in items:
+        table.add_row(r.name, r.label(), r.description)
+    _console().print(table)
 
 
 @app.command("plugins")

@@ -44,6 +44,15 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
             context: int | None = None, prompt_tokens: int | None = None, cloud_url: str | None = None,
             profile_dirs: list[str] | None = None) -> dict[str, Any]:
     file, runtime, manifest = resolve_artifact(artifact)
+    from edgekit.runtimes.onnxruntime_encoder import is_encoder_artifact
+
+    if is_encoder_artifact(file):  # encoders: embedding cosine, texts/s, latency per batch
+        from edgekit.harness.embedding import profile_encoder
+
+        result = profile_encoder(file, manifest, eval_text, reference, speed_cfg.reps, quality, progress=progress)
+        result["host"] = host_info()
+        save_profile_result(file, result)
+        return result
     if targets:  # fail on an unknown target before minutes of measuring
         from edgekit.targets.profiles import get_profile
 
@@ -61,6 +70,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
         result["bits_per_weight"] = manifest.get("bits_per_weight")
     if manifest:
         result["recipe"] = manifest.get("recipe", {}).get("quant")
+        result["recipe_label"] = manifest.get("recipe", {}).get("label", result["recipe"])
 
     progress("speed and memory (separate process)", 0, 1)
     speed = measure(str(file), text, speed_cfg)

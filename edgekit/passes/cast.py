@@ -15,3 +15,13 @@ class F16Pass(Pass):
         for n in names:
             model.encodings[n] = Cast("f16")
         return {"pass": self.name, "tensors": len(names)}
+
+
+class F32Pass(Pass):
+    """No compression: every tensor stays float32 (``--quant fp32``, the float reference as an artifact)."""
+
+    name = "fp32"
+    description = "float32 weights (no quantization)"
+
+    def apply(self, model: Model, ctx: PassContext) -> dict:
+        return {"pass": self.name, "tensors": 0}

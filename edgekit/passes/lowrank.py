@@ -35,6 +35,22 @@ def whitening(G: np.ndarray, damp: float = 1e-4) -> tuple[np.ndarray, np.ndarray
     return Q * np.sqrt(lam), (Q / np.sqrt(lam)).T
 
 
+def factorize(W: np.ndarray, r: int, whiten: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(A [r, in], B [out, r]) with B @ A the best rank-r approximation of W (in the whitened norm if given)."""
+    W = np.asarray(W, dtype=np.float64)
+    U, sig, Vt = np.linalg.svd(W @ whiten[0] if whiten is not None else W, full_matrices=False)
+    return _factors(U, sig, Vt, r, whiten[1] if whiten is not None else None)
+
+
+def _factors(U, sig, Vt, r, S_inv):
+    root = np.sqrt(sig[:r])
+    B = U[:, :r] * root
+    A = root[:, None] * Vt[:r]
+    if S_inv is not None:
+        A = A @ S_inv
+    return A.astype(np.float32), B.astype(np.float32)
+
+
 def allocate(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], fraction: float) -> dict[str, int]:
     """Rank per layer (0 = stays dense) for a budget of ``fraction`` of the layers' parameters."""
     budget = fraction * sum(o * i for o, i in shapes.values())
@@ -106,16 +122,12 @@ class LowRankPass(Pass):
                 dense += 1
                 continue
             U, sig, Vt, S_inv = svds.pop(n)
-            root = np.sqrt(sig[:r])
-            B = U[:, :r] * root
-            A = root[:, None] * Vt[:r]
-            if S_inv is not None:
-                A = A @ S_inv
+            A, B = _factors(U, sig, Vt, r, S_inv)
             base = n[: -len(".weight")]
             del model.tensors[n]
             model.encodings.pop(n, None)
-            model.tensors[base + LOWRANK_A] = A.astype(np.float32)
-            model.tensors[base + LOWRANK_B] = B.astype(np.float32)
+            model.tensors[base + LOWRANK_A] = A
+            model.tensors[base + LOWRANK_B] = B
             after += r * (o + i)
             kept[n] = float((sig[:r] ** 2).sum() / (sig ** 2).sum())
         return {"pass": self.name, "rank": fraction, "method": method, "layers": len(names),

@@ -71,7 +71,7 @@ def distill(student: LlamaNet, teacher_lp: list[torch.Tensor], windows: list[lis
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        curve.append(round(float(loss), 5))
+        curve.append(round(float(loss.detach()), 5))
         if progress:
             progress("recovery (distillation)", step + 1, steps)
     student.eval()
