@@ -4,10 +4,13 @@ Needs only onnxruntime, tokenizers, numpy and jinja2 (no torch, no transformers)
 directory holds ``model.onnx`` (decoder with explicit past/present key-value tensors, see
 :mod:`edgekit.converters.onnx` for the graph contract), ``tokenizer.json`` and ``onnx_config.json``.
 
-Generation prefills the prompt once and then feeds one token per step, passing each step's
-``present_*`` outputs back as the next step's ``past_*`` inputs as ORT-owned ``OrtValue``s through
-IOBinding (no numpy round trip of the cache). ``n_threads`` sets ``intra_op_num_threads`` explicitly:
-ORT's default thread settings behave like a single thread on these VMs.
+Generation prefills the prompt once and then feeds one token per step. The KV cache is one numpy
+buffer per layer and kind, [1, kv_heads, capacity, head_dim], wrapped as ``OrtValue``s and bound through
+IOBinding both as ``past_*`` input and as ``present_*`` output: GroupQueryAttention writes the new
+positions in place, so a step copies nothing but its own keys and values. The capacity doubles (one
+copy) when a prompt outgrows it, up to ``n_ctx``. While generating, the graph computes logits for the
+last position only (``num_logits`` = 1); ``logits()`` asks for every position. ``n_threads`` sets
+``intra_op_num_threads`` explicitly: ORT's default thread settings behave like a single thread on these VMs.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class OnnxRuntimeSession(TextSession):
         self._eos = cfg.get("eos_token_id")
         self._rng = np.random.default_rng(seed)
         self._sess = None
-        self._past: list[Any] = []
+        self._cache = []
         self._n_past = 0
         if vocab_only:
             return
@@ -113,13 +116,36 @@ class OnnxRuntimeSession(TextSession):
         missing = [n for n in cfg["inputs"] if n not in names]
         if missing:
             raise InputError(f"{self.path} lacks the decoder inputs {missing[:3]}", "re-export the model with edgekit")
+        if int(cfg.get("version", 1)) < 2:
+            raise InputError(f"{self.path} was written by an older edgekit ONNX exporter", "re-export the model")
+        if self.n_ctx > int(cfg["max_position"]):
+            self.n_ctx = int(cfg["max_position"])  # the rotary tables end there
         self._ort = ort
         self._layers = int(cfg["num_layers"])
-        self._kv_shape = (1, int(cfg["n_kv_heads"]), 0, int(cfg["head_dim"]))
-        self._past_names = [f"past_{kv}_{i}" for i in range(self._layers) for kv in ("key", "value")]
-        self._present_names = [f"present_{kv}_{i}" for i in range(self._layers) for kv in ("key", "value")]
-        self._empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(self._kv_shape, dtype=np.float32))
+        self._kv_heads = [int(h) for h in cfg["layer_kv_heads"]]
+        self._head_dim = int(cfg["head_dim"])
         self._io = self._sess.io_binding()
+        self._cache: list[np.ndarray] = []  # past_key_0, past_value_0, past_key_1, ...
+        self._cap = 0
+        self._logits_rows = 0
+
+    def _grow(self, total: int) -> None:
+        """Make the cache hold ``total`` positions (capacity doubles from 256; old positions copied once)."""
+        if total <= self._cap:
+            return
+        cap = min(self.n_ctx, max(256, 1 << (total - 1).bit_length()))
+        new = []
+        for j in range(2 * self._layers):
+            buf = np.zeros((1, self._kv_heads[j // 2], cap, self._head_dim), dtype=np.float32)
+            if self._n_past:
+                buf[:, :, : self._n_past] = self._cache[j][:, :, : self._n_past]
+            new.append(buf)
+        self._cache, self._cap = new, cap
+        for j, buf in enumerate(new):
+            kind, layer = ("key", "value")[j % 2], j // 2
+            val = self._ort.OrtValue.ortvalue_from_numpy(buf)  # shares the numpy memory
+            self._io.bind_ortvalue_input(f"past_{kind}_{layer}", val)
+            self._io.bind_ortvalue_output(f"present_{kind}_{layer}", val)
 
     # ------------------------------------------------------------------ text
 
@@ -189,28 +215,26 @@ class OnnxRuntimeSession(TextSession):
             raise InputError("this session was opened with vocab_only=True (or closed)", "open it again without vocab_only")
 
     def reset(self) -> None:
-        self._past = []
-        self._n_past = 0
+        self._n_past = 0  # the buffers stay; positions beyond seqlens_k are never read
 
-    def _step(self, ids: Sequence[int]) -> np.ndarray:
-        """Run ``ids`` after the cached positions; extend the cache; return logits [len(ids), vocab]."""
-        ort, io = self._ort, self._io
-        n = len(ids)
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
+    def _step(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        """Run ``ids`` after the cached positions; extend the cache in place; return logits
+        [len(ids), vocab] (``all_logits``) or [1, vocab] for the last position."""
+        io, n = self._io, len(ids)
+        total = self._n_past + n
+        self._grow(total)
+        rows = n if all_logits else 1
         io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.arange(self._n_past, self._n_past + n, dtype=np.int64)[None])
-        past = self._past or [self._empty] * len(self._past_names)
-        for name, val in zip(self._past_names, past):
-            io.bind_ortvalue_input(name, val)
-        io.bind_output("logits", "cpu")
-        for name in self._present_names:
-            io.bind_output(name, "cpu")
+        io.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        io.bind_cpu_input("num_logits", np.array([rows], dtype=np.int64))
+        if rows != self._logits_rows:  # a fixed output buffer: decoding allocates nothing per step
+            self._logits = np.empty((1, rows, self.n_vocab), dtype=np.float32)
+            io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
+            self._logits_rows = rows
         self._sess.run_with_iobinding(io)
-        outs = io.get_outputs()
-        self._past = list(outs[1:])
-        self._n_past += n
-        return outs[0].numpy()[0]
+        self._n_past = total
+        return self._logits[0].copy()
 
     def _forward(self, ids: Sequence[int], keep: str = "all") -> np.ndarray:
         """Feed ``ids`` in chunks of ``n_batch``; logits of every position (``keep="all"``) or the last one."""
@@ -220,8 +244,11 @@ class OnnxRuntimeSession(TextSession):
                              "shorten the prompt or open the session with a larger n_ctx")
         rows = []
         for i in range(0, len(ids), self.n_batch):
-            out = self._step(list(ids[i : i + self.n_batch]))
-            rows.append(out if keep == "all" else out[-1:])
+            chunk = list(ids[i : i + self.n_batch])
+            last_chunk = i + self.n_batch >= len(ids)
+            out = self._step(chunk, all_logits=keep == "all")
+            if keep == "all" or last_chunk:
+                rows.append(out)
         if keep != "all":
             return rows[-1][-1]
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
@@ -260,7 +287,7 @@ class OnnxRuntimeSession(TextSession):
             yield tok
             if n + 1 >= max_tokens:
                 return
-            last = self._step([tok])[-1]
+            last = self._step([tok], all_logits=False)[-1]
 
     # ------------------------------------------------------------------ scoring
 
@@ -282,7 +309,7 @@ class OnnxRuntimeSession(TextSession):
         return self._sess.end_profiling() if self._sess is not None else None
 
     def close(self) -> None:
-        self._past = []
+        self._cache = []
         self._io = None
         self._sess = None
 
@@ -296,4 +323,8 @@ class OnnxRuntimeRuntime:
 
     @staticmethod
     def open(path: str | os.PathLike, **options: Any) -> OnnxRuntimeSession:
+        from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession, is_encoder_artifact
+
+        if is_encoder_artifact(path):  # sentence encoders: embed() instead of generate()
+            return OnnxEncoderSession(path, **options)
         return OnnxRuntimeSession(path, **options)

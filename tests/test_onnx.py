@@ -1,5 +1,7 @@
-"""ONNX exporter + ONNX Runtime session: float logits, KV cache, exact packing of the passes' numbers,
-end-to-end convert with validation, failures that leave nothing behind, and a torch-free load path."""
+"""ONNX exporter + ONNX Runtime session: float logits, KV cache, exact packing of the passes' numbers
+(fused q|k|v and gate|up read back by slicing), 2-bit packing, per-layer shapes and low-rank factors,
+external data, end-to-end convert with validation, failures that leave nothing behind, and a torch-free
+load path."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from onnx import numpy_helper
 import edgekit
 from edgekit.converters.gguf import GGUFExporter
 from edgekit.converters.gguf_layout import gguf_names, open_reader, qk_heads, unpermute_qk
-from edgekit.converters.onnx import ONNXExporter, pack_nbits, unpack_nbits
-from edgekit.converters.onnx_torch import param_name
+from edgekit.converters import onnx as onnx_exporter
+from edgekit.converters.onnx import ONNXExporter, pack_nbits, read_matrices, unpack_nbits
+from edgekit.converters import onnx_graph
+from edgekit.converters.onnx_graph import factors
 from edgekit.errors import InputError, ValidationError
 from edgekit.model import BlockQuant
 from edgekit.passes import PassContext
@@ -94,17 +98,12 @@ def test_session_api_matches_llamacpp(f32_onnx, tmp_path):
 # ---------------------------------------------------------------- (b) the very numbers, in both formats
 
 def _onnx_weights(path: Path) -> dict[str, np.ndarray]:
-    """Every MatMulNBits weight of model.onnx, dequantized, keyed by the initializer of its MatMul ([N, K])."""
+    """Every weight matrix of model.onnx as the runtime computes with it, keyed by tensor name ([N, K])."""
     proto = onnx.load(str(path))
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    out = {}
     for n in proto.graph.node:
         if n.op_type == "MatMulNBits":
-            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
-            assert a["accuracy_level"] == 4
-            key = n.input[1].rsplit(".MatMulNBits.B", 1)[0]
-            out[key] = unpack_nbits(inits[n.input[1]], inits[n.input[2]], a["bits"], a["block_size"], a["K"])
-    return out
+            assert onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "accuracy_level")) == 4
+    return read_matrices(proto)
 
 
 def _gguf_weights(path: Path, spec) -> dict[str, np.ndarray]:
@@ -134,23 +133,25 @@ def test_packed_weights_equal_blockquant_and_gguf(tmp_path, recipe):
     GGUFExporter().export(model, tmp_path)
     from_onnx = _onnx_weights(path)
     from_gguf = _gguf_weights(tmp_path / "model.gguf", model.spec)
-    head = model.spec.output_head_name()
     checked = 0
     for hf in model.linear_names():
         enc = model.encoding(hf)
         assert isinstance(enc, BlockQuant)
-        key = "lm_head" if hf == head else param_name(hf)
-        w = from_onnx[key]
+        w = from_onnx[hf]
         assert _same(w, enc.dequantize()), hf
         assert _same(w, from_gguf[hf]), hf
         checked += 1
     assert checked == 2 * 7 + 1
-    # the embedding's GatherBlockQuantized reads the head's packed bytes and scales (one copy in the file)
     proto = onnx.load(str(path))
+    ops = [n.op_type for n in proto.graph.node]
+    # q|k|v and gate|up fused: four products per layer, plus the head
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("GroupQueryAttention") == 2
+    # the embedding's GatherBlockQuantized reads the head's packed bytes and scales (one copy in the file)
     gbq = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
     view = next(n for n in proto.graph.node if n.output[0] == gbq.input[0])
-    assert view.op_type == "Reshape" and view.input[0] == "lm_head.MatMulNBits.B"
-    assert gbq.input[2] == "lm_head.MatMulNBits.scales"
+    head = next(n for n in proto.graph.node if n.output[0] == "logits")
+    assert head.op_type == "MatMulNBits" and view.op_type == "Reshape"
+    assert view.input[0] == head.input[1] and gbq.input[2] == head.input[2]
     assert not any(t.name == "embed" for t in proto.graph.initializer)
 
 
@@ -177,7 +178,7 @@ def test_gathered_embedding_rows_equal_encoding(tmp_path):
 
 def test_pack_nbits_roundtrip():
     rng = np.random.default_rng(0)
-    for bits in (4, 8):
+    for bits in (2, 4, 8):
         q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (6, 64)).astype(np.int8)
         s = rng.random((6, 2)).astype(np.float16)
         enc = BlockQuant(q, s, bits, 32)
@@ -195,13 +196,21 @@ def tiny_gguf(tmp_path_factory) -> Path:
     return d / "model.gguf"
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("quant", ["fp32", "int8", "q4_0"])
 def test_convert_to_onnx_validates(tiny_gguf, tmp_path, quant):
     from edgekit.convert import convert
 
     out = tmp_path / "out"
     manifest = convert(str(tiny_gguf), "onnx", quant, out, eval_tokens=1024)
     assert manifest["validation"]["passed"]
+    types = manifest["artifact"]["tensor_types"]
+    if quant == "fp32":
+        assert set(types) == {"F32"} and manifest["quality"]["kld_mean"] < 1e-4
+    if quant == "int8":  # weight-only 8-bit MatMulNBits, and the manifest says which int8 and why
+        assert types == {"MatMulNBits8": 15, "GatherBlockQuantized8": 1}
+        assert "weight-only" in manifest["artifact"]["int8_scheme"]
+    else:
+        assert "int8_scheme" not in manifest["artifact"]
     assert manifest["artifact"]["runtime"] == "onnxruntime"
     assert {p.name for p in out.iterdir()} >= {"model.onnx", "tokenizer.json", "onnx_config.json", "manifest.json"}
     with edgekit.load(out) as s:
@@ -221,7 +230,7 @@ def test_corrupted_scales_fail_validation_and_leave_nothing(tiny_gguf, tmp_path,
         path = Path(out_dir) / self.filename
         proto = onnx.load(str(path))
         for t in proto.graph.initializer:
-            if t.name.endswith(".MatMulNBits.scales"):
+            if t.name.endswith(".scales"):
                 t.CopyFrom(numpy_helper.from_array(np.flip(numpy_helper.to_array(t)).copy(), t.name))
         onnx.save(proto, str(path))
         return info
@@ -257,3 +266,157 @@ def test_load_does_not_import_torch(f32_onnx):
     mods = set(out.stdout.split())
     assert "onnxruntime" in mods
     assert "torch" not in mods and "transformers" not in mods and "onnx" not in mods
+
+
+# ---------------------------------------------------------------- (g) 2-bit, per-layer shapes, low rank, external data
+
+def numpy_forward(model, ids: list[int]) -> np.ndarray:
+    """An independent float64 Llama forward over ``model.effective_weight`` (per-layer shapes from the
+    tensors, low-rank pairs as two products): the oracle for graphs transformers cannot express."""
+    s = model.spec
+    hd = s.head_dim
+
+    def lin(x, base):
+        for name in factors(model, base):
+            x = x @ model.effective_weight(name).astype(np.float64).T
+        return x
+
+    def norm(x, name):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + s.rms_norm_eps) * model.tensors[name]
+
+    T = len(ids)
+    inv = 1.0 / (s.rope_theta ** (np.arange(0, hd, 2) / hd))
+    f = np.arange(T)[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([f, f], -1))[:, None], np.sin(np.concatenate([f, f], -1))[:, None]
+
+    def rope(x):
+        return x * cos + np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], -1) * sin
+
+    x = model.effective_weight("model.embed_tokens.weight").astype(np.float64)[ids]
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}."
+        h = norm(x, p + "input_layernorm.weight")
+        q, k, v = (lin(h, p + f"self_attn.{n}_proj").reshape(T, -1, hd) for n in "qkv")
+        q, k = rope(q), rope(k)
+        group = q.shape[1] // k.shape[1]
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + causal
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        x = x + lin(np.einsum("hts,shd->thd", att, v).reshape(T, -1), p + "self_attn.o_proj")
+        h = norm(x, p + "post_attention_layernorm.weight")
+        g = lin(h, p + "mlp.gate_proj")
+        x = x + lin(g / (1 + np.exp(-g)) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+    head = model.effective_weight(s.output_head_name()).astype(np.float64)
+    return norm(x, "model.norm.weight") @ head.T
+
+
+def _close(got, want, tol):
+    return np.abs(got - want).max() / np.abs(want).max() < tol
+
+
+def test_numpy_oracle_matches_torch_reference():
+    from edgekit.reference import TorchReference
+
+    m = tiny_model()
+    ids = list(range(100, 140))
+    assert _close(numpy_forward(m, ids), TorchReference(m).logits(ids), 1e-4)
+
+
+def test_ternary_2bit_matmulnbits(tmp_path, monkeypatch):
+    """Ternary integers packed 4 per byte (zero point 2): the weights read back exactly and ORT's logits
+    match the float forward over the same dequantized weights."""
+    # accuracy_level 0 (float activations): the product is then exact, so any packing error shows
+    monkeypatch.setattr(onnx_graph, "ACCURACY_LEVEL", 0)
+    m = tiny_model()
+    rng = np.random.default_rng(3)
+    for hf in m.linear_names():
+        if hf == m.spec.output_head_name():
+            continue
+        rows, cols = m.tensors[hf].shape
+        block = 64 if cols % 64 == 0 else 32
+        q = rng.integers(-1, 2, (rows, cols)).astype(np.int8)
+        scales = (np.abs(m.tensors[hf]).reshape(rows, cols // block, block).mean(-1)).astype(np.float16)
+        m.encodings[hf] = BlockQuant(q, scales, bits=2, block_size=block)
+    assert ONNXExporter().supports(m) is None
+    path = export(m, tmp_path)
+    proto = onnx.load(str(path))
+    bits = [onnx.helper.get_attribute_value(a) for n in proto.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"]
+    assert bits.count(2) == 2 * 4
+    back = read_matrices(proto)
+    for hf, enc in m.encodings.items():
+        assert _same(back[hf], enc.dequantize()), hf
+    ids = list(range(200, 232))
+    with OnnxRuntimeSession(path, n_threads=2) as s:
+        got = s.logits(ids)
+    assert _close(got, numpy_forward(m, ids), 1e-4)
+    m.encodings["model.layers.0.mlp.up_proj.weight"] = BlockQuant(np.zeros((4, 64), np.int8), np.ones((4, 1), np.float16),
+                                                                  bits=3, block_size=64)
+    assert "3-bit" in ONNXExporter().supports(m)
+
+
+def _pruned_lowrank_model():
+    """Layer 0: 2 query heads, 1 KV head, MLP width 96; layer 1: q_proj and up_proj factorized (rank 8)."""
+    m = tiny_model(seed=4)
+    t, hd = m.tensors, m.spec.head_dim
+    p = "model.layers.0."
+    t[p + "self_attn.q_proj.weight"] = t[p + "self_attn.q_proj.weight"][: 2 * hd]
+    t[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"][:, : 2 * hd]
+    for kv in "kv":
+        t[p + f"self_attn.{kv}_proj.weight"] = t[p + f"self_attn.{kv}_proj.weight"][:hd]
+    for g in ("gate", "up"):
+        t[p + f"mlp.{g}_proj.weight"] = t[p + f"mlp.{g}_proj.weight"][:96]
+    t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"][:, :96]
+    rng = np.random.default_rng(5)
+    for base in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        w = t.pop(base + ".weight")
+        t[base + ".lowrank_a.weight"] = (rng.standard_normal((8, w.shape[1])) / np.sqrt(w.shape[1])).astype(np.float32)
+        t[base + ".lowrank_b.weight"] = (rng.standard_normal((w.shape[0], 8)) / np.sqrt(8)).astype(np.float32)
+    return m
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_per_layer_shapes_and_lowrank_factors(tmp_path, monkeypatch, quant):
+    from edgekit.converters.onnx_graph import matrices
+    from edgekit.passes.rtn import quantize_q8_0
+
+    monkeypatch.setattr(onnx_graph, "ACCURACY_LEVEL", 0)  # exact products: compare at 1e-4
+    m = _pruned_lowrank_model()
+    if quant == "q8_0":
+        for name in matrices(m):
+            if m.tensors[name].shape[1] % 32 == 0:  # a rank-8 lowrank_b stays float: mixed kinds in one chain
+                m.encodings[name] = quantize_q8_0(m.tensors[name])
+    assert ONNXExporter().supports(m) is None
+    path = export(m, tmp_path)
+    cfg = __import__("json").loads((tmp_path / "onnx_config.json").read_text())
+    assert cfg["layer_kv_heads"] == [1, 2]
+    proto = onnx.load(str(path))
+    gqa = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in proto.graph.node
+           if n.op_type == "GroupQueryAttention"]
+    assert [(a["num_heads"], a["kv_num_heads"]) for a in gqa] == [(2, 1), (4, 2)]
+    back = read_matrices(proto)
+    for name in matrices(m):
+        assert _same(back[name], m.effective_weight(name)), name
+    ids = list(range(300, 340))
+    with OnnxRuntimeSession(path, n_threads=2, n_batch=16) as s:
+        got = s.logits(ids)
+        toks = list(s.stream_tokens(ids[:5], 4, ignore_eos=True))
+    want = numpy_forward(m, ids)
+    assert _close(got, want, 1e-4)
+    assert toks[0] == int(numpy_forward(m, ids[:5])[-1].argmax())
+
+
+def test_external_data_loads_and_is_listed(tiny_gguf, tmp_path, monkeypatch):
+    from edgekit.convert import convert
+
+    monkeypatch.setattr(onnx_exporter, "INLINE_LIMIT", 1000)
+    out = tmp_path / "out"
+    manifest = convert(str(tiny_gguf), "onnx", "q8_0", out, eval_tokens=512)
+    art = manifest["artifact"]
+    assert art["external_data"] and {"model.onnx", "model.onnx.data"} <= set(art["files"])
+    assert (out / "model.onnx.data").stat().st_size > 10 * (out / "model.onnx").stat().st_size
+    assert manifest["size_bytes"] >= sum((out / f).stat().st_size for f in art["files"])
+    with edgekit.load(out) as s:
+        assert len(list(s.stream_tokens(s.tokenize("Hi"), 3, ignore_eos=True))) == 3

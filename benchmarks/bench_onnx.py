@@ -1,0 +1,137 @@
+"""ONNX benchmark: edgekit's ONNX Runtime artifacts against llama.cpp GGUF of the same model, in one run.
+
+Artifacts of the embedded default model, converted (and validated) by ``edgekit convert``: ONNX int4,
+int8 and fp32; GGUF q4_0, int4 and q8_0. For each:
+
+- decode tok/s through ``edgekit.load`` (``stream_tokens``), in alternating rounds in one process,
+  the order rotating every round (only ratios measured this way mean anything on a shared machine);
+  the headline is ONNX int4 over GGUF q4_0, round by round;
+- TTFT and peak RSS in a fresh process per artifact (``edgekit.harness.speed``);
+- size, KLD and perplexity from each artifact's manifest (measured at export against the float reference).
+
+Prints a table and writes benchmarks/results/onnx.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+ARTIFACTS = [("onnx", "int4"), ("gguf", "q4_0"), ("gguf", "int4"), ("onnx", "int8"), ("gguf", "q8_0"), ("onnx", "fp32")]
+BASELINE = "gguf q4_0"
+PROMPT = "The history of the printing press begins"
+
+
+def convert_all(root: Path, reuse: bool, which: list[tuple[str, str]]) -> dict[str, Path]:
+    from edgekit.convert import convert
+
+    out = {}
+    for fmt, quant in which:
+        d = root / f"{fmt}-{quant}"
+        if not (reuse and (d / "manifest.json").exists()):
+            convert(None, fmt, quant, d, force=True)
+        out[f"{fmt} {quant}"] = d
+    return out
+
+
+def decode_rounds(dirs: dict[str, Path], rounds: int, tokens: int, threads: int) -> dict[str, dict]:
+    """Decode tok/s of every artifact, alternating artifacts within each round."""
+    import edgekit
+
+    sessions = {k: edgekit.load(d, n_threads=threads) for k, d in dirs.items()}
+    prompt = next(iter(sessions.values())).tokenize(PROMPT)
+
+    def run(s) -> float:
+        stamps = [time.perf_counter() for _ in s.stream_tokens(prompt, tokens, ignore_eos=True)]
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    for s in sessions.values():
+        run(s)  # warm-up
+    names = list(sessions)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            rates[k].append(run(sessions[k]))
+    for s in sessions.values():
+        s.close()
+    out = {}
+    for k in names:
+        row = {"decode_tok_s": statistics.median(rates[k]), "decode_tok_s_all": rates[k]}
+        if BASELINE in rates:
+            ratios = [a / b for a, b in zip(rates[k], rates[BASELINE])]
+            row |= {"ratio_vs_q4_0_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        out[k] = row
+    return out
+
+
+def fresh_process(dirs: dict[str, Path], threads: int) -> dict[str, dict]:
+    """TTFT (128-token prompt) and peak RSS of each artifact, each in its own process."""
+    from edgekit.harness.quality import default_text_path
+    from edgekit.harness.speed import SpeedConfig, measure
+
+    text = Path(default_text_path()).read_text()
+    cfg = SpeedConfig(prompt_tokens=128, prefill_tokens=256, decode_tokens=32, reps=3, load_reps=1, n_threads=threads)
+    return {k: measure(str(d), text, cfg) for k, d in dirs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=HERE.parent / "out" / "bench-onnx")
+    ap.add_argument("--reuse", action="store_true", help="reuse artifacts already converted under --out")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=None, help="default: every core this process may use")
+    ap.add_argument("--only", nargs="*", help="a subset, e.g. 'onnx int4' 'gguf q4_0'")
+    args = ap.parse_args()
+
+    from edgekit.runtimes.onnxruntime import default_threads
+
+    threads = args.threads or default_threads()
+    which = [a for a in ARTIFACTS if not args.only or " ".join(a) in args.only]
+    console = Console()
+    console.print(f"[dim]converting {', '.join(' '.join(a) for a in which)} (validated at export)...[/dim]")
+    dirs = convert_all(args.out, args.reuse, which)
+    manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in dirs.items()}
+    console.print(f"[dim]decode: {args.rounds} alternating rounds of {args.tokens} tokens, {threads} threads...[/dim]")
+    speed = decode_rounds(dirs, args.rounds, args.tokens, threads)
+    console.print("[dim]TTFT and peak RSS, one fresh process per artifact...[/dim]")
+    fresh = fresh_process(dirs, threads)
+
+    t = Table(title=f"ONNX Runtime vs llama.cpp, default model, {threads} threads (decode: median of "
+                    f"{args.rounds} alternating rounds)")
+    for c in ("artifact", "size MB", "KLD mean", "ppl", "decode tok/s", f"x {BASELINE}", "ratio range", "TTFT ms",
+              "peak RSS MB"):
+        t.add_column(c)
+    rows = {}
+    for k in dirs:
+        m, s, f = manifests[k], speed[k], fresh[k]
+        q = m["quality"]
+        rows[k] = {"size_bytes": m["size_bytes"], "kld_mean": q["kld_mean"], "ppl": q["ppl"], "ref_ppl": q["ref_ppl"],
+                   **s, "ttft_ms": f["ttft_ms"], "peak_rss_bytes": f["peak_rss_bytes"],
+                   "fresh_process": {x: f[x] for x in ("decode_tok_s", "prefill_tok_s", "load_s")},
+                   "tensor_types": m["artifact"].get("tensor_types"), "int8_scheme": m["artifact"].get("int8_scheme")}
+        t.add_row(k, f"{m['size_bytes'] / 1e6:.1f}", f"{q['kld_mean']:.4f}", f"{q['ppl']:.3f}",
+                  f"{s['decode_tok_s']:.1f}", f"{s.get('ratio_vs_q4_0_median', float('nan')):.2f}",
+                  f"{s.get('ratio_min', float('nan')):.2f}-{s.get('ratio_max', float('nan')):.2f}",
+                  f"{f['ttft_ms']:.0f}", f"{f['peak_rss_bytes'] / 1e6:.0f}")
+    console.print(t)
+    ref = next(iter(manifests.values()))["quality"]["ref_ppl"]
+    console.print(f"float reference perplexity {ref:.3f}")
+    result = {"rows": rows, "threads": threads, "rounds": args.rounds, "tokens": args.tokens, "ref_ppl": ref,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    dest = HERE / "results" / "onnx.json"
+    dest.parent.mkdir(exist_ok=True)
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
