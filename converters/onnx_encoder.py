@@ -1,0 +1,369 @@
+"""ONNX exporter for sentence encoders (BERT family): text ids in, normalized sentence embedding out.
+
+Steps (:func:`convert_encoder` runs them all; ``edgekit convert minilm --format onnx`` lands here):
+
+1. Recipe: :func:`edgekit.encoder_quant.quantize_encoder` decides the numbers (BlockQuant / Cast).
+2. Trace: ``torch.onnx.export`` (TorchScript exporter, opset 18) of :class:`edgekit.encoder.SentenceEncoder`
+   (transformers' BertModel + pooling + L2 normalization) from the *float* weights, with each
+   transformer ``nn.Linear`` swapped for ``x @ W^T + b`` on a parameter named ``<hf name>_t`` so each
+   matrix becomes one ``MatMul`` whose initializer we can find by name. Graph contract (what
+   :mod:`edgekit.runtimes.onnxruntime_encoder` relies on): inputs ``input_ids`` and ``attention_mask``
+   int64 [batch, seq]; output ``sentence_embedding`` float32 [batch, hidden].
+3. Surgery: 4- and 8-bit BlockQuant matrices become ``com.microsoft::MatMulNBits`` packed from the
+   pass's integers and fp16 scales with :func:`edgekit.converters.onnx.pack_nbits` (the decoder
+   exporter's packing, so every format carries the same numbers); the word embedding becomes
+   ``com.microsoft::GatherBlockQuantized`` over the same packed layout; fp16 tensors are stored fp16
+   and Cast to float32 at load.
+4. Validation, as a step of export: the artifact embeds the evaluation sentences in ONNX Runtime and
+   its embeddings are compared with the float reference's (cached). Cosine distance (1 - cos) beyond
+   the recipe's tolerance, in the mean or for the worst sentence, raises
+   :class:`~edgekit.errors.ValidationError` and nothing is left at the output path.
+
+Files: ``model.onnx`` (``model.onnx.data`` beside it above 1.8 GB), ``tokenizer.json`` (the source's,
+unchanged), ``onnx_config.json`` (``format: edgekit-onnx-encoder``, pooling, max_length, dim), and
+``manifest.json`` with ``artifact.kind = "encoder"``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgekit.converters.onnx import pack_nbits
+from edgekit.encoder import EMBEDDING, EncoderModel
+from edgekit.errors import EdgekitError, ValidationError
+from edgekit.model import BlockQuant, Cast
+
+OPSET = 18
+# accuracy_level 4 computes with int8 activations; 0 keeps them float32. Chosen per recipe by
+# measurement on MiniLM (see the bench): level 0 loses no cosine and on these CPUs is not slower
+# for the large M (= batch x tokens) of an encoder, unlike a decoder's M = 1.
+ACCURACY_LEVEL = 0
+INLINE_LIMIT = 1_800_000_000
+CONFIG_FILE = "onnx_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = "edgekit-onnx-encoder"
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "sentence_embedding"
+
+# Cosine distance (1 - cos) between the artifact's and the float reference's embeddings, per recipe:
+# mean over the sentences and worst sentence. int8/int4 means are the issue's bars (cos >= 0.99 / 0.97).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"mean": 1e-5, "worst": 1e-4},
+    "fp16": {"mean": 1e-4, "worst": 1e-3},
+    "int8": {"mean": 0.01, "worst": 0.05},
+    "q4_0": {"mean": 0.03, "worst": 0.15},
+    "int4": {"mean": 0.03, "worst": 0.15},
+}
+
+
+def param_name(hf_name: str) -> str:
+    """The initializer name the traced graph gives a transformer matrix (stored transposed, [in, out])."""
+    return "bert." + hf_name + "_t"
+
+
+def _export_module(model: EncoderModel):
+    """SentenceEncoder with each transformer Linear as ``x @ W_t + b`` on a named [in, out] parameter."""
+    import torch
+
+    from edgekit.encoder import SentenceEncoder
+
+    class MatMulLinear(torch.nn.Module):
+        def __init__(self, lin: torch.nn.Linear):
+            super().__init__()
+            self.weight_t = torch.nn.Parameter(lin.weight.detach().T.contiguous(), requires_grad=False)
+            self.bias = lin.bias
+
+        def forward(self, x):
+            return x @ self.weight_t + self.bias
+
+    net = SentenceEncoder(model)
+    wanted = set(model.linear_names())
+    for name, mod in list(net.bert.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name + ".weight" in wanted:
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.bert.get_submodule(parent), leaf, MatMulLinear(mod))
+    return net.eval()
+
+
+def export_float_graph(model: EncoderModel, path: Path, opset: int = OPSET) -> None:
+    import torch
+
+    net = _export_module(model)
+    # a batch of 2 and 7 tokens with one padded position: nothing specialises on batch 1 or no padding
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 7592, 2088, 102, 0, 0, 0]], dtype=torch.int64)
+    ids = ids.clamp(max=int(model.config["vocab_size"]) - 1)
+    mask = (ids != 0).to(torch.int64)
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, OUTPUT: {0: "batch"}}
+    with torch.inference_mode():
+        torch.onnx.export(net, (ids, mask), str(path), input_names=list(INPUTS), output_names=[OUTPUT],
+                          dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+class _Surgery:
+    """Replace float initializers of the traced graph by what the encodings say (module docstring, step 3)."""
+
+    def __init__(self, proto, accuracy_level: int):
+        self.graph = proto.graph
+        self.proto = proto
+        self.accuracy_level = accuracy_level
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.counts: dict[str, int] = {}
+
+    def _set(self, name: str, arr: np.ndarray) -> None:
+        from onnx import numpy_helper
+
+        self._drop(name)
+        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        self.graph.initializer.append(t)
+        self.inits[name] = t
+
+    def _drop(self, name: str) -> None:
+        if name in self.inits:
+            self.graph.initializer.remove(self.inits.pop(name))
+
+    def _only_user(self, op: str, name: str, slot: int):
+        users = [n for n in self.graph.node if n.op_type == op and len(n.input) > slot and n.input[slot] == name]
+        if len(users) != 1:
+            raise RuntimeError(f"expected one {op} reading {name}, found {len(users)}")
+        return users[0]
+
+    def _replace(self, old, new_nodes: list) -> None:
+        idx = list(self.graph.node).index(old)
+        for off, nd in enumerate(new_nodes):
+            self.graph.node.insert(idx + off, nd)
+        self.graph.node.remove(old)
+
+    def _count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def matrix(self, hf: str, enc, weight: np.ndarray) -> None:
+        from onnx import TensorProto, helper
+
+        pname = param_name(hf)
+        mm = self._only_user("MatMul", pname, 1)
+        if isinstance(enc, BlockQuant):
+            b, scales = pack_nbits(enc)
+            n, k = enc.shape
+            self._set(pname + ".q", b)
+            self._set(pname + ".scales", scales)
+            node = helper.make_node("MatMulNBits", [mm.input[0], pname + ".q", pname + ".scales"], list(mm.output),
+                                    name=mm.name + "_nbits", domain="com.microsoft", K=k, N=n, bits=enc.bits,
+                                    block_size=enc.block_size, accuracy_level=self.accuracy_level)
+            self._replace(mm, [node])
+            self._drop(pname)
+            self._count(f"MatMulNBits{enc.bits}")
+        elif enc.dtype == "f16":
+            self._set(pname + ".f16", weight.T.astype(np.float16))
+            self._drop(pname)
+            idx = list(self.graph.node).index(mm)
+            self.graph.node.insert(idx, helper.make_node("Cast", [pname + ".f16"], [pname], name=pname + "_cast",
+                                                         to=TensorProto.FLOAT))
+            self._count("F16")
+        else:
+            self._count("F32")
+
+    def embedding(self, enc, weight: np.ndarray) -> None:
+        from onnx import TensorProto, helper
+
+        name = "bert." + EMBEDDING
+        gather = self._only_user("Gather", name, 0)
+        if isinstance(enc, BlockQuant):
+            b, scales = pack_nbits(enc)
+            vocab, hidden = enc.shape
+            self._set(name + ".q", b.reshape(vocab, hidden * enc.bits // 8))
+            self._set(name + ".scales", scales)
+            node = helper.make_node("GatherBlockQuantized", [name + ".q", gather.input[1], name + ".scales"],
+                                    list(gather.output), name="word_embeddings_q", domain="com.microsoft",
+                                    bits=enc.bits, block_size=enc.block_size, gather_axis=0, quantize_axis=1)
+            self._replace(gather, [node])
+            self._drop(name)
+            self._count(f"GatherBlockQuantized{enc.bits}")
+        elif enc.dtype == "f16":
+            self._set(name + ".f16", weight.astype(np.float16))
+            self._drop(name)
+            out = gather.output[0]
+            gather.input[0], gather.output[0] = name + ".f16", out + ".f16"
+            idx = list(self.graph.node).index(gather)
+            self.graph.node.insert(idx + 1, helper.make_node("Cast", [out + ".f16"], [out], name="word_embeddings_cast",
+                                                             to=TensorProto.FLOAT))
+            self._count("F16")
+        else:
+            self._count("F32")
+
+    def finish(self) -> None:
+        from onnx import helper
+
+        used = {i for n in self.graph.node for i in n.input}
+        for name in list(self.inits):
+            if name not in used:
+                self._drop(name)
+        if not any(o.domain == "com.microsoft" for o in self.proto.opset_import):
+            self.proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def rewrite(proto, model: EncoderModel, accuracy_level: int = ACCURACY_LEVEL) -> dict[str, int]:
+    """Pack every encoded tensor of ``model`` into the traced float graph ``proto``; counts per storage type."""
+    sg = _Surgery(proto, accuracy_level)
+    for hf in model.linear_names():
+        enc = model.encoding(hf)
+        if isinstance(enc, BlockQuant) and enc.bits not in (4, 8):
+            raise EdgekitError(f"{hf}: {enc.bits}-bit weights have no MatMulNBits packing here", "use int8 or int4")
+        sg.matrix(hf, enc, model.tensors[hf])
+    sg.embedding(model.encoding(EMBEDDING), model.tensors[EMBEDDING])
+    sg.finish()
+    return sg.counts
+
+
+def runtime_config(model: EncoderModel) -> dict[str, Any]:
+    return {"format": FORMAT, "version": 1, "kind": "encoder", "inputs": list(INPUTS), "output": OUTPUT,
+            "dim": model.hidden_size, "max_length": model.max_length, "pooling": model.pooling,
+            "normalize": model.normalize, "name": model.name}
+
+
+class ONNXEncoderExporter:
+    """Writes ``model.onnx`` + ``tokenizer.json`` + ``onnx_config.json`` for an :class:`EncoderModel`."""
+
+    name = "onnx"
+    filename = "model.onnx"
+    runtime = "onnxruntime"
+
+    def __init__(self, accuracy_level: int = ACCURACY_LEVEL):
+        self.accuracy_level = accuracy_level
+
+    def export(self, model: EncoderModel, out_dir: Path) -> dict[str, Any]:
+        import onnx
+
+        out_dir = Path(out_dir)
+        tmp = out_dir / ".onnx-trace"
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            export_float_graph(model, tmp / "float.onnx")
+            proto = onnx.load(str(tmp / "float.onnx"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        counts = rewrite(proto, model, self.accuracy_level)
+        proto.producer_name = "edgekit"
+        proto.doc_string = f"edgekit ONNX sentence encoder: {model.name}"
+        files = [self.filename]
+        path = out_dir / self.filename
+        if sum(len(t.raw_data) for t in proto.graph.initializer) > INLINE_LIMIT:
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=self.filename + ".data", size_threshold=1024)
+            files.append(self.filename + ".data")
+        else:
+            onnx.save_model(proto, str(path))
+        (out_dir / TOKENIZER_FILE).write_text(model.tokenizer_json, encoding="utf-8")
+        (out_dir / CONFIG_FILE).write_text(json.dumps(runtime_config(model), indent=1))
+        return {"file": self.filename, "kind": "encoder", "files": files + [TOKENIZER_FILE, CONFIG_FILE],
+                "opset": OPSET, "external_data": len(files) > 1, "tensor_types": counts,
+                "accuracy_level": self.accuracy_level, "inputs": list(INPUTS), "output": OUTPUT}
+
+
+# ---------------------------------------------------------------- convert: recipe -> export -> validate
+
+
+def validate(quant: str, quality: dict[str, Any], artifact: str, tolerance: dict[str, float] | None = None) -> dict[str, Any]:
+    """Raise :class:`ValidationError` when the embeddings' cosine distance exceeds the recipe's tolerance."""
+    tol = tolerance if tolerance is not None else TOLERANCES[quant]
+    mean_d, worst_d = 1.0 - quality["cosine_mean"], 1.0 - quality["cosine_min"]
+    if mean_d > tol["mean"]:
+        raise ValidationError(artifact, f"{OUTPUT}: mean cosine distance (1 - cos) from the float reference", mean_d,
+                              tol["mean"], f"cosine mean {quality['cosine_mean']:.4f} over {quality['sentences']} sentences")
+    if worst_d > tol["worst"]:
+        raise ValidationError(artifact, f"{OUTPUT}: worst cosine distance (1 - cos) from the float reference", worst_d,
+                              tol["worst"], f"cosine min {quality['cosine_min']:.4f}, sentence #{quality['worst_index']}")
+    return {"passed": True, "tolerance": {"cosine_distance_mean": tol["mean"], "cosine_distance_worst": tol["worst"]}}
+
+
+def calibration_sentences(path: str | None, limit: int = 256) -> tuple[list[str], str]:
+    """Sentence-sized pieces of the calibration text (default: the shipped one, disjoint from the eval set)."""
+    import re
+
+    from edgekit.harness.quality import read_text
+
+    text, label = read_text(path, "calibration")
+    pieces = [" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+|\n\s*\n", text)]
+    return [p for p in pieces if 20 <= len(p) <= 600][:limit], label
+
+
+def convert_encoder(model: str, format: str = "onnx", quant: str | None = None, out: str | Path = "out",
+                    force: bool = False, eval_text: str | None = None, calib_text: str | None = None,
+                    progress: Callable[[str, int, int], None] = lambda d, a, b: None,
+                    log: Callable[[str], None] = lambda s: None, tolerance: dict[str, float] | None = None,
+                    accuracy_level: int = ACCURACY_LEVEL, **ignored: Any) -> dict[str, Any]:
+    """Convert an encoder and write ``out/`` atomically (model + manifest). Returns the manifest.
+
+    ``tolerance`` overrides the recipe's cosine-distance tolerance ({"mean": ..., "worst": ...}).
+    """
+    from edgekit.atomic import atomic_output_dir, check_output_dir
+    from edgekit.encoder import load_encoder, resolve_encoder
+    from edgekit.encoder_quant import canonical_quant, quantize_encoder
+    from edgekit.harness.embedding import measure_quality, read_sentences
+    from edgekit.manifest import write_manifest
+
+    out = Path(out)
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    check_output_dir(out, force)
+    if format != "onnx":
+        raise EdgekitError(f"encoders export to onnx here, not {format}", "pass --format onnx")
+    quant = canonical_quant(quant)
+    if ignored.get("target"):
+        raise EdgekitError("--target plans are for decoders only", "drop --target and choose --quant")
+    sentences, sent_label = read_sentences(eval_text)
+    source = resolve_encoder(model)
+
+    t0 = time.perf_counter()
+    log(f"reading {source.path.name} (BERT encoder)")
+    reference = load_encoder(source)
+    work = reference.copy()
+    timings["reference_s"] = time.perf_counter() - t0
+
+    calib_info: dict[str, Any] = {}
+
+    def calib() -> list[str]:
+        texts, label = calibration_sentences(calib_text)
+        calib_info.update({"text": label, "sentences": len(texts)})
+        return texts
+
+    t0 = time.perf_counter()
+    log(f"recipe {quant}")
+    record = quantize_encoder(work, quant, calib, progress)
+    timings["pass_s"] = time.perf_counter() - t0
+
+    exporter = ONNXEncoderExporter(accuracy_level)
+    with atomic_output_dir(out, force) as stage:
+        t0 = time.perf_counter()
+        log(f"writing {exporter.filename}")
+        export_info = exporter.export(work, stage)
+        timings["export_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log(f"validating against the float reference ({len(sentences)} sentences)")
+        from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
+
+        with OnnxEncoderSession(stage / exporter.filename) as session:
+            quality = measure_quality(session, reference, source.sha256, sentences, sent_label, progress)
+        validation = validate(quant, quality, exporter.filename, tolerance)
+        timings["validate_s"] = time.perf_counter() - t0
+        weight_files = [p for p in stage.iterdir() if p.name.startswith(exporter.filename)]
+        timings["total_s"] = time.perf_counter() - t_all
+        manifest = {
+            "artifact": {"format": format, "runtime": exporter.runtime, **export_info},
+            "source": source.describe(),
+            "model": reference.describe(),
+            "recipe": {"quant": quant, "passes": [record], "calibration": calib_info or None},
+            "size_bytes": sum(p.stat().st_size for p in stage.iterdir() if p.is_file()),
+            "bits_per_weight": 8 * sum(p.stat().st_size for p in weight_files) / max(1, reference.num_parameters()),
+            "quality": quality,
+            "validation": validation,
+            "timings_s": timings,
+        }
+        write_manifest(stage, manifest)
+    return manifest
