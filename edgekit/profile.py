@@ -53,6 +53,14 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
         result["host"] = host_info()
         save_profile_result(file, result)
         return result
+    from edgekit.registry import RUNTIMES
+    from edgekit.session import _runtime_for_suffix
+
+    rt_name = runtime or _runtime_for_suffix(file)
+    rt = RUNTIMES.get(rt_name) if rt_name else None
+    why = getattr(rt, "unavailable_reason", lambda: None)()
+    if why:  # the runtime does not exist on this OS (Core ML off macOS): size, bits/weight, predictions
+        return rt.unmeasured_profile(file, manifest, why, list(targets), profile_dirs, context, prompt_tokens)
     if targets:  # fail on an unknown target before minutes of measuring
         from edgekit.targets.profiles import get_profile
 

@@ -31,7 +31,8 @@ def manifest_table(m: dict[str, Any], out: Path) -> Table:
     t.add_row("size", f"{_mb(m['size_bytes'])} at {m['bits_per_weight']:.2f} bits/weight")
     t.add_row("tensor types", ", ".join(f"{k}x{v}" for k, v in m["artifact"].get("tensor_types", {}).items()))
     quality_rows(t, m.get("quality"))
-    t.add_row("validation", "passed" if m["validation"]["passed"] else "FAILED")
+    v = m["validation"]
+    t.add_row("validation", "passed" if v["passed"] else (f"not run: {v.get('why')}" if v["passed"] is None else "FAILED"))
     t.add_row("time", f"{m['timings_s']['total_s']:.1f} s")
     return t
 
@@ -44,8 +45,14 @@ def _spread(r: dict, key: str, fmt: str) -> str:
 
 def profile_table(r: dict[str, Any]) -> Table:
     t = Table(title=f"edgekit profile {r['artifact']}", show_header=False)
-    t.add_row("format / runtime", f"{r['format']} / {r['runtime']} ({r['n_threads']} threads)")
     bpw = r.get("bits_per_weight")
+    if r.get("speed_note"):  # nothing could be measured here (the runtime does not exist on this OS)
+        t.add_row("format / runtime", f"{r['format']} / {r['runtime']}")
+        t.add_row("size", f"{_mb(r['size_bytes'])}" + (f" at {bpw:.2f} bits/weight" if bpw else ""))
+        t.add_row("speed and memory", f"not measured: {r['speed_note']}")
+        t.add_row("quality", r.get("quality_note") or "-")
+        return t
+    t.add_row("format / runtime", f"{r['format']} / {r['runtime']} ({r['n_threads']} threads)")
     t.add_row("size", f"{_mb(r['size_bytes'])}" + (f" at {bpw:.2f} bits/weight" if bpw else ""))
     t.add_row("load", _spread(r, "load_s", ".3f") + " s")
     t.add_row("time to first token", _spread(r, "ttft_ms", ".1f") + f" ms ({r['settings']['prompt_tokens']}-token prompt)")
@@ -72,8 +79,9 @@ def predictions_table(r: dict[str, Any]) -> Table | None:
     t = Table(title=f"predicted per target ({r.get('calibration', '')})")
     for c in ("target", "kind", "decode tok/s", "TTFT ms", "load s", "peak memory", "budget", "fits", "$/1k tok"):
         t.add_column(c)
-    t.add_row("host (measured)", "cpu", f"{r['decode_tok_s']:.1f}", f"{r['ttft_ms']:.0f}", f"{r['load_s']:.2f}",
-              _mb(r["peak_rss_bytes"]), "-", "-", "0 (on device)")
+    if "decode_tok_s" in r:  # absent when the runtime cannot run on this host
+        t.add_row("host (measured)", "cpu", f"{r['decode_tok_s']:.1f}", f"{r['ttft_ms']:.0f}", f"{r['load_s']:.2f}",
+                  _mb(r["peak_rss_bytes"]), "-", "-", "0 (on device)")
     ph = r.get("predicted_host")
     if ph:
         t.add_row("host (predicted)", "cpu", f"{ph['decode_tok_s']:.1f}", f"{ph['ttft_ms']:.0f}", f"{ph['load_s']:.2f}",

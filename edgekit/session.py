@@ -15,7 +15,7 @@ def resolve_artifact(path: str | Path) -> tuple[Path, str | None, dict | None]:
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{p} does not exist", "pass an artifact directory written by `edgekit convert` or a model file")
-    if p.is_dir():
+    if p.is_dir() and _runtime_for_suffix(p) is None:  # a directory that is itself a model (.mlpackage) is a file here
         manifest = read_manifest(p)
         if manifest:
             art = manifest["artifact"]

@@ -1,0 +1,347 @@
+"""Core ML exporter: an ML program (.mlpackage) decoder with a stateful KV cache and edgekit's own weights.
+
+Steps:
+
+1. ``torch.jit.trace`` of :class:`~edgekit.converters.coreml_torch.StatefulDecoder` (float32 weights,
+   fp16 cache buffers) and ``coremltools.convert`` to an ML program for iOS 18 / macOS 15 (the first
+   target with states and block-wise compression), compute precision fp16, with the inputs, states
+   and output named in :mod:`edgekit.converters.coreml_torch`.
+2. The pass in :mod:`edgekit.converters.coreml_weights`, at the end of the conversion's pipeline,
+   replaces every weight by the encoding's integers and fp16 scales (int4 / int8 block-wise
+   shift-scale, ternary as a 2-bit lookup table, fp16 as is).
+3. Validation that runs on any OS: the saved package is read back (spec + MIL program), the inputs /
+   states / output are the ones :mod:`edgekit.runtimes.coreml` uses, every tensor is stored as the
+   recipe says, and its numbers equal edgekit's bit for bit; otherwise :class:`ValidationError` and
+   nothing is written. Logits need Core ML's runtime, which exists only on macOS.
+
+``tokenizer.json`` and ``coreml_config.json`` (shapes, special tokens, chat template, what each
+tensor is stored as, and the bytes per storage type the predictor needs) sit next to the package.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import EdgekitError, ValidationError
+from edgekit.model import BlockQuant, Model
+
+CONFIG_FILE = "coreml_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_CONTEXT = 2048  # KV-cache length; the state is allocated at this size on the device
+DEPLOYMENT_TARGET = "iOS18"
+INPUTS = ("inputIds", "causalMask")
+OUTPUTS = ("logits",)
+
+
+def _quiet_coremltools():
+    """Import coremltools without its version warnings (torch 2.13 is newer than it was tested with)."""
+    import logging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        try:
+            import coremltools as ct
+        except ImportError:
+            from edgekit.errors import MissingDependencyError
+
+            raise MissingDependencyError("the Core ML exporter needs coremltools", "pip install coremltools==9.0") from None
+    return ct
+
+
+def _fix_int_op() -> None:
+    """numpy >= 2.4 refuses ``int()`` of a one-element array, which coremltools 9.0's torch ``int`` op does
+    on folded sizes; re-register that op with ``.item()`` (same semantics)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops as torch_ops
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+
+    if getattr(_fix_int_op, "done", False):
+        return
+    original = _TORCH_OPS_REGISTRY.get_func("int")
+
+    def _int(context, node):
+        inputs = torch_ops._get_inputs(context, node, expected=1)
+        x = inputs[0]
+        if x.can_be_folded_to_const():
+            context.add(mb.const(val=int(np.asarray(x.val).reshape(-1)[0]), name=node.name), node.name)
+            return
+        original(context, node)
+
+    register_torch_op(_int, torch_alias=["int"], override=True)
+    _fix_int_op.done = True
+
+
+def meta(tok: dict[str, Any], key: str, default: Any = None) -> Any:
+    kv = tok.get(key)
+    return kv["value"] if kv else default
+
+
+def weight_bytes(model: Model) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(bytes stored, bytes streamed per decoded token, matmul parameters), per storage kind."""
+    from edgekit.converters.coreml_weights import storage_kind
+
+    stored: dict[str, int] = {}
+    streamed: dict[str, int] = {}
+    params: dict[str, int] = {}
+    s = model.spec
+    for name in model.tensor_order():
+        t = model.tensors[name]
+        if t.ndim != 2:
+            kind, n = "fp16", t.size * 2
+        else:
+            kind = storage_kind(model, name)
+            enc = model.encoding(name)
+            blocks = t.size // enc.block_size if isinstance(enc, BlockQuant) else 0
+            n = {"int4": t.size // 2 + 2 * blocks, "int8": t.size + 2 * blocks, "lut2": t.size // 4 + 8 * blocks}.get(kind, 2 * t.size)
+            params[kind] = params.get(kind, 0) + t.size
+        stored[kind] = stored.get(kind, 0) + n
+        # an untied input embedding is gathered (one row per token), not streamed
+        if not (name == "model.embed_tokens.weight" and not s.tie_word_embeddings):
+            streamed[kind] = streamed.get(kind, 0) + n
+    return stored, streamed, params
+
+
+def runtime_config(model: Model, ctx: int, cache: tuple[int, ...]) -> dict[str, Any]:
+    from edgekit.converters.coreml_weights import storage_kind
+
+    s = model.spec
+    tok = model.tokenizer
+    tokens = meta(tok, "tokenizer.ggml.tokens", [])
+    types = meta(tok, "tokenizer.ggml.token_type", [])
+    bos, eos = meta(tok, "tokenizer.ggml.bos_token_id"), meta(tok, "tokenizer.ggml.eos_token_id")
+    stored, streamed, params = weight_bytes(model)
+    return {
+        "format": "edgekit-coreml-decoder", "version": 1,
+        "context": ctx, "cache_shape": list(cache), "num_layers": s.num_layers, "head_dim": s.head_dim,
+        "vocab_size": s.vocab_size, "hidden_size": s.hidden_size, "num_heads": s.num_heads,
+        "layer_widths": [model.layer_widths(i) for i in range(s.num_layers)],
+        "tied_embeddings": s.tie_word_embeddings, "parameters": model.num_parameters(),
+        "bos_token_id": bos, "eos_token_id": eos,
+        "bos_token": tokens[bos] if bos is not None and bos < len(tokens) else "",
+        "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else "",
+        "control_token_ids": [i for i, t in enumerate(types) if t == 3],
+        "chat_template": meta(tok, "tokenizer.chat_template"),
+        "inputs": list(INPUTS), "outputs": list(OUTPUTS), "states": ["keyCache", "valueCache"],
+        "storage": {n: storage_kind(model, n) for n in model.linear_names()},
+        "bytes_by_kind": stored, "streamed_bytes_by_kind": streamed, "params_by_kind": params,
+    }
+
+
+def convert_decoder(model: Model, ctx: int, package: Path) -> dict[str, Any]:
+    """Trace, convert with the packing pass, save ``package``; returns what the packing found."""
+    import torch
+
+    from edgekit.converters import coreml_torch as ctorch
+    from edgekit.converters import coreml_weights as cw
+
+    ct = _quiet_coremltools()
+    _fix_int_op()
+    net = ctorch.StatefulDecoder(model, ctx).eval()
+    # trace with a non-empty past so nothing specialises on P == 0
+    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(ctorch.causal_mask(3, 2)))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, example, check_trace=False)
+    shape = ctorch.cache_shape(model, ctx)
+    q, t = ct.RangeDim(1, ctx), ct.RangeDim(1, ctx)
+    with cw.packing(model, ctorch.weight_names(model)) as job, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlmodel = ct.convert(
+            traced,
+            inputs=[ct.TensorType(name="inputIds", shape=(1, q), dtype=np.int32),
+                    ct.TensorType(name="causalMask", shape=(1, 1, q, t), dtype=np.float16)],
+            outputs=[ct.TensorType(name="logits", dtype=np.float16)],
+            states=[ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=n) for n in ctorch.STATES],
+            minimum_deployment_target=ct.target.iOS18, convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16, pass_pipeline=cw.pipeline(), skip_model_load=True)
+    mlmodel.short_description = f"edgekit Core ML export of {model.name}"
+    mlmodel.save(str(package))
+    return {"found": job["found"], "cache_shape": shape}
+
+
+def program_structure(prog) -> dict[str, int]:
+    """Op counts of the main function (what the tests assert on)."""
+    from edgekit.converters.coreml_weights import _ops
+
+    counts: dict[str, int] = {}
+    for op in _ops(prog):
+        counts[op.op_type] = counts.get(op.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def interface(spec) -> dict[str, Any]:
+    """Inputs, outputs and states as the package's spec declares them."""
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    def arr(feature):
+        which = feature.type.WhichOneof("Type")
+        if which == "stateType":
+            a = feature.type.stateType.arrayType
+        elif which == "multiArrayType":
+            a = feature.type.multiArrayType
+        else:
+            return {"type": which}
+        return {"type": which, "dtype": ft.ArrayFeatureType.ArrayDataType.Name(a.dataType), "shape": list(a.shape),
+                "ranges": [[r.lowerBound, r.upperBound] for r in a.shapeRange.sizeRanges]}
+
+    d = spec.description
+    return {"inputs": {f.name: arr(f) for f in d.input}, "outputs": {f.name: arr(f) for f in d.output},
+            "states": {f.name: arr(f) for f in d.state}}
+
+
+def check_interface(io: dict[str, Any], ctx: int, cache: tuple[int, ...]) -> list[str]:
+    """What differs from the contract :mod:`edgekit.runtimes.coreml` relies on (empty when nothing)."""
+    bad = []
+    want_in = {"inputIds": "INT32", "causalMask": "FLOAT16"}
+    for name, dtype in want_in.items():
+        got = io["inputs"].get(name)
+        if got is None or got["dtype"] != dtype:
+            bad.append(f"input {name}: {got} (want {dtype})")
+        elif [ctx] not in [[r[1]] for r in got["ranges"]]:
+            bad.append(f"input {name}: ranges {got['ranges']} do not reach the context {ctx}")
+    if set(io["outputs"]) != set(OUTPUTS):
+        bad.append(f"outputs {sorted(io['outputs'])} (want {list(OUTPUTS)})")
+    for name in ("keyCache", "valueCache"):
+        got = io["states"].get(name)
+        if got is None or got["dtype"] != "FLOAT16" or tuple(got["shape"]) != tuple(cache):
+            bad.append(f"state {name}: {got} (want FLOAT16 {list(cache)})")
+    return bad
+
+
+def validate_package(package: Path, model: Model, ctx: int, cache: tuple[int, ...]) -> dict[str, Any]:
+    """Read the saved package back and check it as far as Linux allows; raises ValidationError."""
+    from edgekit.converters import coreml_weights as cw
+
+    prog, spec = cw.load_program(package)
+    io = interface(spec)
+    bad_io = check_interface(io, ctx, cache)
+    if bad_io:
+        raise ValidationError(package.name, "inputs/outputs/states differing from the runtime's contract", len(bad_io), 0,
+                              "; ".join(bad_io[:3]))
+    weights = cw.check_read_back(cw.read_back(prog, model), model)
+    if not weights["bit_exact"]:
+        raise ValidationError(package.name, "weights read back from the package: tensors differing from edgekit's numbers",
+                              len(weights["mismatches"]), 0, "; ".join(weights["mismatches"][:3]))
+    return {"interface": io, "weights": {k: v for k, v in weights.items() if k != "mismatches"},
+            "op_counts": program_structure(prog), "spec_version": spec.specificationVersion}
+
+
+class CoreMLExporter:
+    """Writes ``model.mlpackage`` (+ ``tokenizer.json``, ``coreml_config.json``) for Core ML."""
+
+    name = "coreml"
+    filename = "model.mlpackage"
+    runtime = "coreml"
+    per_layer_widths = True  # pruned layers keep their own widths (every shape is read from the tensors)
+    supports_lowrank = True  # a factor pair is two linear ops
+
+    def supports(self, model: Model) -> str | None:
+        """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        from edgekit.converters.coreml_weights import unsupported
+
+        if model.spec.arch != "llama":
+            return f"architecture {model.spec.arch} has no Core ML decoder here"
+        return unsupported(model)
+
+    def export(self, model: Model, out_dir: Path, context: int | None = None) -> dict[str, Any]:
+        from edgekit.tokenizer_convert import gguf_to_hf_tokenizer
+
+        out_dir = Path(out_dir)
+        reason = self.supports(model)
+        if reason:
+            raise EdgekitError(f"the coreml format cannot hold this recipe: {reason}", "choose another --format")
+        ctx = int(context or min(model.spec.max_position, DEFAULT_CONTEXT))
+        package = out_dir / self.filename
+        t0 = time.perf_counter()
+        made = convert_decoder(model, ctx, package)
+        t_convert = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        checks = validate_package(package, model, ctx, made["cache_shape"])
+        t_check = time.perf_counter() - t0
+        gguf_to_hf_tokenizer(model.tokenizer).save(str(out_dir / TOKENIZER_FILE))
+        config = runtime_config(model, ctx, made["cache_shape"])
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        kinds: dict[str, int] = {}
+        for kind in config["storage"].values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return {"file": self.filename, "files": [self.filename, TOKENIZER_FILE, CONFIG_FILE],
+                "deployment_target": DEPLOYMENT_TARGET, "context": ctx, "tensor_types": kinds,
+                "package_checks": checks, "timings_s": {"convert_s": t_convert, "read_back_s": t_check}}
+
+
+# ---------------------------------------------------------------- prediction without running
+
+
+def coreml_facts(package: str | Path):
+    """What the predictor needs about an .mlpackage, from the ``coreml_config.json`` written beside it."""
+    from edgekit.errors import InputError
+    from edgekit.targets.facts import ArtifactFacts
+
+    package = Path(package)
+    try:
+        cfg = json.loads((package.parent / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{package.parent / CONFIG_FILE} is missing or unreadable",
+                         "re-export the model with `edgekit convert --format coreml`") from None
+    L, _, kvh, _, hd = cfg["cache_shape"]
+    return ArtifactFacts(
+        format="coreml", runtime="coreml", size_bytes=tree_bytes(package),
+        parameters=int(cfg["parameters"]),
+        bytes_by_type={k.upper(): int(v) for k, v in cfg["streamed_bytes_by_kind"].items()},
+        params_by_type={k.upper(): int(v) for k, v in cfg["params_by_kind"].items()},
+        kv_bytes_per_token=2 * L * kvh * hd * 2,  # fp16 key and value states
+        attn_flops_per_token_per_ctx=4 * sum(w["heads"] for w in cfg["layer_widths"]) * hd,
+        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+        extra={"num_layers": L, "tied_embeddings": cfg["tied_embeddings"], "context": cfg["context"]},
+    )
+
+
+def tree_bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def unmeasured_profile(file: Path, manifest: dict | None, why: str, targets: list[str], profile_dirs, context: int | None,
+                       prompt_tokens: int | None) -> dict[str, Any]:
+    """``edgekit profile`` where the runtime cannot run: size, bits per weight and predicted figures.
+
+    Targets default to the device profiles that list the ``coreml`` runtime. Predictions are
+    uncalibrated (no Core ML kernel was measured here): each profile's bandwidth and compute with
+    the predictor's default efficiency, as the prediction's notes say.
+    """
+    from edgekit.targets import predict as pr
+    from edgekit.targets.profiles import get_profile, load_profiles
+
+    facts = coreml_facts(file)
+    names = list(targets) or [n for n, p in sorted(load_profiles(profile_dirs).items()) if "coreml" in p.runtimes]
+    result: dict[str, Any] = {
+        "artifact": str(file), "format": "coreml", "runtime": "coreml", "size_bytes": facts.size_bytes,
+        "bits_per_weight": 8 * facts.size_bytes / max(1, facts.parameters), "parameters": facts.parameters,
+        "tensor_types": (manifest or {}).get("artifact", {}).get("tensor_types"),
+        "recipe": (manifest or {}).get("recipe", {}).get("quant"),
+        "speed": None, "speed_note": why, "quality": None, "quality_note": f"not measured: {why}",
+    }
+    ctx = context or 1024
+    p = prompt_tokens or 128
+    n_ctx = int(facts.extra["context"])
+    unc = 1 / pr.UNCALIBRATED_EFFICIENCY
+    cal = pr.Calibration("coreml", "coreml", {}, unc, {}, unc, 0.0, 0.0, {})
+    out = {}
+    for name in names:
+        if name == "host":
+            continue
+        prof = get_profile(name, profile_dirs)
+        pred = pr.predict(facts, cal, pr.profile_machine(prof), ctx, p, n_ctx) | {"kind": prof.kind}
+        pred.setdefault("notes", []).append("uncalibrated: no Core ML speed was measured on this host; "
+                                            "peak memory counts weights and the KV-cache state only")
+        out[name] = pred
+    result["targets"] = out
+    result["calibration"] = "uncalibrated: Core ML cannot run on this host"
+    return result

@@ -1,0 +1,196 @@
+"""Core ML backend: runs ``model.mlpackage`` written by edgekit's Core ML exporter, same API as the others.
+
+Core ML's runtime exists only on macOS: elsewhere opening a model fails with one line saying so
+(``vocab_only=True`` still works everywhere: tokenization needs only ``tokenizer.json``). Needs
+coremltools, tokenizers, numpy and jinja2 (no torch).
+
+The package is a stateful decoder (see :mod:`edgekit.converters.coreml_torch`): each call passes
+``inputIds`` int32 [1, S] and ``causalMask`` fp16 [1, 1, S, P + S] and updates the KV-cache states
+``keyCache`` / ``valueCache`` held by an ``MLState`` in place; the session keeps ``P`` (tokens cached).
+Generation prefills the prompt in chunks, then feeds one token per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from edgekit.errors import EdgekitError, InputError, MissingDependencyError
+from edgekit.runtimes import TextSession
+from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
+
+CONFIG_FILE = "coreml_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+
+
+class PlatformError(EdgekitError):
+    """The artifact's runtime does not exist on this operating system."""
+
+
+def unavailable_reason() -> str | None:
+    return None if sys.platform == "darwin" else (
+        f"Core ML models run only on macOS (Core ML's runtime); this machine runs {sys.platform}")
+
+
+def _causal_mask(past: int, n: int) -> np.ndarray:
+    q = np.arange(n)[:, None] + past
+    k = np.arange(past + n)[None, :]
+    return np.where(k > q, -np.inf, 0.0).astype(np.float16)[None, None]
+
+
+class CoreMLSession(TextSession):
+    """A loaded Core ML decoder: generation (optionally streamed), raw logits, chat formatting."""
+
+    runtime = "coreml"
+
+    # Tokenization and chat formatting are the ONNX session's (same tokenizer.json and config keys):
+    # borrowed rather than copied so the two backends cannot drift apart.
+    _load_tokenizer = OnnxRuntimeSession._load_tokenizer
+    tokenize = OnnxRuntimeSession.tokenize
+    _token_bytes = OnnxRuntimeSession._token_bytes
+    detokenize = OnnxRuntimeSession.detokenize
+    chat_prompt = OnnxRuntimeSession.chat_prompt
+    _sample = OnnxRuntimeSession._sample
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_batch: int = 64, vocab_only: bool = False,
+                 compute_units: str = "all", seed: int | None = None, n_threads: int | None = None):
+        self.path = str(path)
+        p = Path(self.path)
+        if not p.is_dir():
+            raise InputError(f"{self.path} is not an .mlpackage directory", "check the path")
+        try:
+            self.config = json.loads((p.parent / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            raise InputError(f"{p.parent / CONFIG_FILE} is missing or unreadable",
+                             "re-export the model with `edgekit convert --format coreml`") from None
+        self._load_tokenizer(p.parent / TOKENIZER_FILE)
+        cfg = self.config
+        self.n_ctx = min(int(n_ctx or cfg["context"]), int(cfg["context"]))
+        self.n_batch = max(1, int(n_batch))
+        self.n_vocab = int(cfg["vocab_size"])
+        self._eos = cfg.get("eos_token_id")
+        self._rng = np.random.default_rng(seed)
+        self._model = None
+        self._state = None
+        self._n_past = 0
+        if vocab_only:
+            return
+        why = unavailable_reason()
+        if why:
+            raise PlatformError(why, "copy the artifact to a Mac (macOS 15 or later) to run it; "
+                                     "`edgekit profile` here reports its size and predicted figures")
+        if compute_units not in _UNITS:
+            raise InputError(f"unknown compute_units '{compute_units}'", f"use one of {', '.join(_UNITS)}")
+        try:
+            import coremltools as ct
+        except ImportError:
+            raise MissingDependencyError("the Core ML backend needs coremltools", "pip install coremltools") from None
+        try:
+            self._model = ct.models.MLModel(self.path, compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
+        except Exception as exc:
+            raise InputError(f"Core ML could not load {self.path} ({' '.join(str(exc).split())[:200]})",
+                             "re-export the model (it needs macOS 15 / iOS 18 or later)") from None
+        self.reset()
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos
+
+    def _need_model(self) -> None:
+        if self._model is None:
+            raise InputError("this session was opened with vocab_only=True (or closed)", "open it again without vocab_only")
+
+    def reset(self) -> None:
+        """Empty the KV cache (a fresh state: the old keys are masked out anyway, but start clean)."""
+        if self._model is not None:
+            self._state = self._model.make_state()
+        self._n_past = 0
+
+    def _step(self, ids: Sequence[int]) -> np.ndarray:
+        n = len(ids)
+        out = self._model.predict({"inputIds": np.asarray([ids], dtype=np.int32),
+                                   "causalMask": _causal_mask(self._n_past, n)}, state=self._state)
+        self._n_past += n
+        return np.asarray(out["logits"], dtype=np.float32)[0]
+
+    def _forward(self, ids: Sequence[int], keep: str = "all") -> np.ndarray:
+        self._need_model()
+        if self._n_past + len(ids) > self.n_ctx:
+            raise InputError(f"{self._n_past + len(ids)} tokens exceed the context of {self.n_ctx}",
+                             "shorten the prompt or re-export with a larger context")
+        rows = []
+        for i in range(0, len(ids), self.n_batch):
+            out = self._step(list(ids[i : i + self.n_batch]))
+            rows.append(out if keep == "all" else out[-1:])
+        if keep != "all":
+            return rows[-1][-1]
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def prefill(self, prompt_ids: Sequence[int]) -> None:
+        self.reset()
+        if prompt_ids:
+            self._forward(prompt_ids, keep="last")
+
+    def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
+                      ignore_eos: bool = False) -> Iterator[int]:
+        self._need_model()
+        ids = list(prompt_ids)
+        if not ids:
+            raise InputError("the prompt is empty", "pass at least one token")
+        if len(ids) + max_tokens > self.n_ctx:
+            raise InputError(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
+                             "shorten the prompt or re-export with a larger context")
+        self.reset()
+        last = self._forward(ids, keep="last")
+        for n in range(max_tokens):
+            tok = self._sample(last, temperature)
+            if tok == self._eos and not ignore_eos:
+                return
+            yield tok
+            if n + 1 >= max_tokens:
+                return
+            last = self._step([tok])[-1]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits for every position of ``token_ids`` (shape [n, vocab], float32)."""
+        ids = list(token_ids)
+        if len(ids) > self.n_ctx:
+            raise InputError(f"{len(ids)} tokens exceed the context of {self.n_ctx}", "score shorter windows")
+        self.reset()
+        try:
+            return np.ascontiguousarray(self._forward(ids)) if ids else np.empty((0, self.n_vocab), np.float32)
+        finally:
+            self.reset()
+
+    def close(self) -> None:
+        self._state = None
+        self._model = None
+
+
+class CoreMLRuntime:
+    """Runtime plug-in: opens ``.mlpackage`` decoders written by edgekit's Core ML exporter (macOS only)."""
+
+    name = "coreml"
+    suffixes = (".mlpackage",)
+    formats = ("coreml",)
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        return unavailable_reason()
+
+    @staticmethod
+    def unmeasured_profile(*args: Any) -> dict[str, Any]:
+        """What ``edgekit profile`` reports where Core ML cannot run (see the exporter's module)."""
+        from edgekit.converters.coreml import unmeasured_profile
+
+        return unmeasured_profile(*args)
+
+    @staticmethod
+    def open(path: str | os.PathLike, **options: Any) -> CoreMLSession:
+        return CoreMLSession(path, **options)

@@ -1,0 +1,359 @@
+"""Core ML export: what Linux can check (package structure, interface, weights bit for bit, the traced
+torch module's arithmetic), and the numeric checks that need Core ML's runtime (marked ``macos``:
+skipped elsewhere, with the reason in pytest's -ra summary)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.model import BlockQuant, Cast
+from edgekit.passes.rtn import quantize_q4_0, quantize_q8_0
+from edgekit.passes.ternary import ternarize
+from tests.conftest import run_cli, tiny_model
+
+pytest.importorskip("coremltools")
+
+from edgekit.converters import coreml_weights as cw  # noqa: E402
+from edgekit.converters.coreml import CoreMLExporter  # noqa: E402
+
+def encode(model, kind_of):
+    """Give every 2-D tensor the encoding ``kind_of(name)`` names: int4 / int8 / ternary / f16."""
+    for n in model.linear_names():
+        w = model.tensors[n]
+        kind = kind_of(n)
+        model.encodings[n] = {"int4": quantize_q4_0, "int8": quantize_q8_0, "ternary": ternarize,
+                              "f16": lambda w: Cast("f16")}[kind](w)
+    return model
+
+
+def mixed_kind(name: str) -> str:
+    """Every storage kind in one model: the tied head int8, layer 0 int4, layer 1 ternary, its MLP down f16."""
+    if "embed_tokens" in name:
+        return "int8"
+    if "layers.1.mlp.down_proj" in name:
+        return "f16"
+    return "int4" if "layers.0." in name else "ternary"
+
+
+def export(model, d: Path) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    return CoreMLExporter().export(model, d)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    m = encode(tiny_model(), mixed_kind)
+    d = tmp_path_factory.mktemp("mixed")
+    return m, d, export(m, d)
+
+
+# ---------------------------------------------------------------- weights, bit for bit
+
+
+def test_every_kind_reads_back_bit_exact(mixed):
+    m, d, info = mixed
+    w = info["package_checks"]["weights"]
+    assert w["bit_exact"] and w["tensors"] == len(m.linear_names()) == 15
+    assert w["stored_as"] == {"int8": 1, "int4": 7, "lut2": 6, "fp16": 1}
+    assert info["tensor_types"] == w["stored_as"]
+
+
+def test_mil_structure_every_linear_compressed_as_requested(mixed):
+    m, d, info = mixed
+    ops = info["package_checks"]["op_counts"]
+    # 7 linears per layer + the tied head (the embedding's own constexpr, shared with the gather)
+    assert ops["linear"] == 15
+    assert ops["constexpr_blockwise_shift_scale"] == 8  # 7 int4 + the int8 embedding/head
+    assert ops["constexpr_lut_to_dense"] == 6
+    assert ops["scaled_dot_product_attention"] == 2
+    assert ops["read_state"] == 2 and ops["coreml_update_state"] == 4
+    prog, _ = cw.load_program(d / "model.mlpackage")
+    ops_by_name = {op.name: op for op in cw._ops(prog)}
+    for n in m.linear_names():
+        op = ops_by_name[cw.const_name(n)]
+        want = {"int4": "constexpr_blockwise_shift_scale", "int8": "constexpr_blockwise_shift_scale",
+                "ternary": "constexpr_lut_to_dense", "f16": "const"}[mixed_kind(n)]
+        assert op.op_type == want, n
+        users = {c.op_type for c in op.outputs[0].child_ops}
+        assert users <= {"linear", "gather"} and "linear" in users, (n, users)
+    # no float copy of any weight is left: besides the packed weights, the only large consts are the RoPE
+    # tables and the zero bias Core ML's linear op carries for the vocabulary-wide head
+    big = [op for op in cw._ops(prog) if op.op_type == "const" and op.outputs[0].val is not None
+           and np.asarray(op.outputs[0].val).size > 4096 and not op.name.startswith("edgekit__")]
+    assert all("rope" in op.name or ("bias" in op.name and not np.asarray(op.outputs[0].val).any()) for op in big), \
+        [op.name for op in big]
+
+
+def _blob(path: Path, offset: int) -> tuple[int, bytes]:
+    raw = (path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()
+    sentinel, dtype, size, start = struct.unpack_from("<IIQQ", raw, offset)
+    assert sentinel == 0xDEADBEEF
+    return dtype, raw[start : start + size]
+
+
+def test_raw_blob_bytes_equal_blockquant(mixed):
+    """An oracle independent of coremltools' loader: parse model.mlmodel and unpack weight.bin by hand."""
+    import coremltools as ct
+
+    m, d, _ = mixed
+    pkg = d / "model.mlpackage"
+    spec = ct.utils.load_spec(str(pkg))
+    f = spec.mlProgram.functions["main"]
+    ops = {op.outputs[0].name: op for op in f.block_specializations[f.opset].operations if op.outputs}
+    checked = 0
+    for n in m.linear_names():
+        enc = m.encoding(n)
+        if not isinstance(enc, BlockQuant):
+            continue
+        op = ops[cw.const_name(n)]
+        args = {k: v.arguments[0].value.blobFileValue.offset for k, v in op.inputs.items()}
+        if enc.bits in (4, 8):
+            dtype, data = _blob(pkg, args["data"])
+            if enc.bits == 4:  # two per byte, low nibble first, two's complement
+                b = np.frombuffer(data, np.uint8)
+                u = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(-1)[: enc.q.size].astype(np.int8)
+                q = np.where(u > 7, u - 16, u).astype(np.int8)
+            else:
+                q = np.frombuffer(data, np.int8)
+            assert np.array_equal(q.reshape(enc.shape), enc.q), n
+            _, sc = _blob(pkg, args["scale"])
+            assert np.frombuffer(sc, np.float16).tobytes() == enc.scales.astype(np.float16).tobytes(), n
+        else:  # uint2 indices, four per byte, low bits first; the table holds {-2s, -s, 0, s}
+            _, data = _blob(pkg, args["indices"])
+            b = np.frombuffer(data, np.uint8)
+            idx = np.stack([(b >> s) & 3 for s in (0, 2, 4, 6)], axis=-1).reshape(-1)[: enc.q.size]
+            assert np.array_equal(idx.astype(np.int8).reshape(enc.shape) - 2, enc.q), n
+            _, lut = _blob(pkg, args["lut"])
+            lut = np.frombuffer(lut, np.float16).reshape(enc.shape[0], -1, 4)
+            assert lut[..., 3].tobytes() == enc.scales.astype(np.float16).tobytes(), n
+            assert np.array_equal(lut[..., 1], -enc.scales.astype(np.float16)) and not lut[..., 2].any()
+        checked += 1
+    assert checked == 14
+
+
+def test_corrupted_package_fails_read_back(mixed, tmp_path):
+    """The read-back check can fail: flip one stored int4 byte and it names the tensor."""
+    import shutil
+
+    from edgekit.converters.coreml import validate_package
+    from edgekit.errors import ValidationError
+
+    m, d, info = mixed
+    pkg = tmp_path / "model.mlpackage"
+    shutil.copytree(d / "model.mlpackage", pkg)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(pkg))
+    f = spec.mlProgram.functions["main"]
+    op = next(o for o in f.block_specializations[f.opset].operations if o.outputs and o.outputs[0].name == cw.const_name(name))
+    wfile = pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    raw = bytearray(wfile.read_bytes())
+    _, _, _, start = struct.unpack_from("<IIQQ", raw, op.inputs["data"].arguments[0].value.blobFileValue.offset)
+    raw[start] ^= 0x11
+    wfile.write_bytes(bytes(raw))
+    with pytest.raises(ValidationError, match="q_proj"):
+        validate_package(pkg, m, info["context"], tuple(json.loads((d / "coreml_config.json").read_text())["cache_shape"]))
+
+
+def test_unsupported_bit_width_is_refused():
+    m = tiny_model()
+    n = "model.layers.0.mlp.up_proj.weight"
+    w = m.tensors[n]
+    m.encodings[n] = BlockQuant(np.zeros(w.shape, np.int8), np.ones((w.shape[0], w.shape[1] // 32), np.float16), 3, 32)
+    assert "3-bit" in CoreMLExporter().supports(m)
+
+
+# ---------------------------------------------------------------- interface the runtime relies on
+
+
+def test_interface_matches_runtime_contract(mixed):
+    m, d, info = mixed
+    io = info["package_checks"]["interface"]
+    cfg = json.loads((d / "coreml_config.json").read_text())
+    assert set(io["inputs"]) == {"inputIds", "causalMask"} and set(io["outputs"]) == {"logits"}
+    assert io["inputs"]["inputIds"]["dtype"] == "INT32" and io["inputs"]["causalMask"]["dtype"] == "FLOAT16"
+    assert io["inputs"]["causalMask"]["ranges"][2:] == [[1, cfg["context"]], [1, cfg["context"]]]
+    s = m.spec
+    assert cfg["cache_shape"] == [s.num_layers, 1, s.num_kv_heads, cfg["context"], s.head_dim]
+    for st in ("keyCache", "valueCache"):
+        assert io["states"][st] == {"type": "stateType", "dtype": "FLOAT16", "shape": cfg["cache_shape"], "ranges": []}
+    assert info["package_checks"]["spec_version"] >= 9  # iOS 18: states and block-wise compression
+    assert {"model.mlpackage", "tokenizer.json", "coreml_config.json"} <= {p.name for p in d.iterdir()}
+
+
+# ---------------------------------------------------------------- the traced module's arithmetic (torch, on Linux)
+
+
+def _llamanet_logits(model, ids):
+    import torch
+
+    from edgekit.torch_llama import LlamaNet
+
+    with torch.inference_mode():
+        return LlamaNet(model).eval()(torch.tensor([ids]))[0].numpy()
+
+
+def _pruned_lowrank_model():
+    """Layer 0: 2 query heads, 1 KV head, MLP width 96; layer 1: q_proj and up_proj factorized (rank 32,
+    so the B factors' rows hold whole 32-wide blocks)."""
+    m = tiny_model(seed=4)
+    t, hd = m.tensors, m.spec.head_dim
+    p = "model.layers.0."
+    t[p + "self_attn.q_proj.weight"] = t[p + "self_attn.q_proj.weight"][: 2 * hd]
+    t[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"][:, : 2 * hd]
+    for kv in "kv":
+        t[p + f"self_attn.{kv}_proj.weight"] = t[p + f"self_attn.{kv}_proj.weight"][:hd]
+    for g in ("gate", "up"):
+        t[p + f"mlp.{g}_proj.weight"] = t[p + f"mlp.{g}_proj.weight"][:96]
+    t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"][:, :96]
+    rng = np.random.default_rng(5)
+    for base in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        w = t.pop(base + ".weight")
+        t[base + ".lowrank_a.weight"] = (rng.standard_normal((32, w.shape[1])) / np.sqrt(w.shape[1])).astype(np.float32)
+        t[base + ".lowrank_b.weight"] = (rng.standard_normal((w.shape[0], 32)) / np.sqrt(32)).astype(np.float32)
+    return m
+
+
+@pytest.mark.parametrize("which", ["uniform", "pruned_lowrank"])
+def test_stateful_module_matches_torch_llama_and_caches(which):
+    """The module traced for Core ML computes what edgekit's torch Llama computes, in one call and step by step
+    through its KV-cache buffers (fp16 cache: 2e-3)."""
+    import torch
+
+    from edgekit.converters.coreml_torch import StatefulDecoder, causal_mask
+
+    m = tiny_model(seed=1) if which == "uniform" else _pruned_lowrank_model()
+    ids = list(range(500, 520))
+    want = _llamanet_logits(m, ids)
+    net = StatefulDecoder(m, 64).eval()
+    with torch.inference_mode():
+        full = net(torch.tensor([ids], dtype=torch.int32), torch.from_numpy(causal_mask(0, len(ids))))[0].numpy()
+        net.keyCache.zero_()
+        net.valueCache.zero_()
+        steps = [net(torch.tensor([ids[:12]], dtype=torch.int32), torch.from_numpy(causal_mask(0, 12)))[0].numpy()]
+        for i in range(12, len(ids)):
+            steps.append(net(torch.tensor([[ids[i]]], dtype=torch.int32), torch.from_numpy(causal_mask(i, 1)))[0].numpy())
+    stepped = np.concatenate(steps)
+    scale = np.abs(want).max()
+    assert np.abs(full - want).max() < 2e-3 * scale
+    assert np.abs(stepped - want).max() < 2e-3 * scale
+
+
+def test_pruned_and_lowrank_convert_bit_exact(tmp_path):
+    m = encode(_pruned_lowrank_model(), lambda n: "int8" if "embed" in n else "int4")
+    info = export(m, tmp_path)
+    ops = info["package_checks"]["op_counts"]
+    assert info["package_checks"]["weights"]["bit_exact"]
+    assert ops["linear"] == 15 + 2  # each factor pair is two linears
+    assert ops["constexpr_blockwise_shift_scale"] == len(m.linear_names()) == 17
+    cfg = json.loads((tmp_path / "coreml_config.json").read_text())
+    assert cfg["layer_widths"][0] == {"heads": 2, "kv_heads": 1, "intermediate": 96}
+    assert cfg["cache_shape"][2] == 2  # the widest layer's KV heads; layer 0 uses the first row
+
+
+# ---------------------------------------------------------------- CLI on Linux: one-line errors, profile
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """``edgekit convert --format coreml`` of a tiny GGUF source (int4), through the CLI."""
+    from edgekit.converters.gguf import GGUFExporter
+
+    src = tmp_path_factory.mktemp("tiny-src")
+    GGUFExporter().export(tiny_model(), src)
+    out = tmp_path_factory.mktemp("cm") / "out"
+    proc = run_cli("convert", str(src / "model.gguf"), "--format", "coreml", "--quant", "int4", "--out", str(out),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, json.loads(proc.stdout)
+
+
+def test_cli_convert_manifest(converted):
+    out, manifest = converted
+    assert manifest["artifact"]["file"] == "model.mlpackage" and manifest["artifact"]["runtime"] == "coreml"
+    on_mac = sys.platform == "darwin"
+    if not on_mac:
+        assert manifest["validation"]["passed"] is None and "macOS" in manifest["validation"]["why"]
+        assert manifest["quality"] is None
+    assert manifest["artifact"]["package_checks"]["weights"]["bit_exact"]
+    pkg_bytes = sum(p.stat().st_size for p in (out / "model.mlpackage").rglob("*") if p.is_file())
+    assert manifest["size_bytes"] > pkg_bytes > 0
+    assert 4 < manifest["bits_per_weight"] < 16
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the error Linux and other systems give")
+def test_cli_run_on_linux_is_one_line_platform_error(converted):
+    out, _ = converted
+    for target in (out, out / "model.mlpackage"):
+        proc = run_cli("run", str(target), "Hello")
+        assert proc.returncode != 0
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and "macos" in errors[0].lower(), proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the offline profile is for hosts without Core ML")
+def test_cli_profile_on_linux_predicts_apple_targets(converted):
+    out, manifest = converted
+    proc = run_cli("profile", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["size_bytes"] == sum(p.stat().st_size for p in (out / "model.mlpackage").rglob("*") if p.is_file())
+    assert 4 < r["bits_per_weight"] < 16
+    assert r["quality"] is None and "macOS" in r["quality_note"]
+    assert {"iphone-15-pro", "apple-m2"} <= set(r["targets"])
+    for p in r["targets"].values():
+        assert p["decode_tok_s"] > 0 and p["peak_memory_bytes"] > r["size_bytes"] and not p["calibrated"]
+    table = run_cli("profile", str(out), env={"COLUMNS": "200"})
+    assert table.returncode == 0 and "not measured" in table.stdout and "iphone-15-pro" in table.stdout
+
+
+# ---------------------------------------------------------------- numeric checks on macOS only
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="needs Core ML's runtime, which exists only on macOS")
+@pytest.mark.parametrize("kind", ["f16", "int4", "int8", "ternary"])
+def test_coreml_logits_match_torch_module(tmp_path, kind):
+    """Core ML's logits (one call, chunked prefill, and decoding through the state) equal the traced module's
+    on the same effective weights, within fp16 arithmetic."""
+    from edgekit.converters.coreml_torch import reference_logits
+    from edgekit.model import Model
+    from edgekit.runtimes.coreml import CoreMLSession
+
+    m = encode(tiny_model(seed=2), lambda n: "int8" if "embed" in n else kind)
+    export(m, tmp_path)
+    eff = Model(m.spec, {n: m.effective_weight(n) if t.ndim == 2 else t for n, t in m.tensors.items()}, m.tokenizer)
+    ids = list(range(300, 340))
+    want = reference_logits(eff, ids, 64)
+    with CoreMLSession(tmp_path / "model.mlpackage", compute_units="cpu_only", n_batch=16) as s:
+        got = s.logits(ids)
+        toks = list(s.stream_tokens(ids[:5], 4, ignore_eos=True))
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+    assert toks[0] == int(reference_logits(eff, ids[:5], 64)[-1].argmax())
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="needs Core ML's runtime, which exists only on macOS")
+def test_cli_convert_validates_on_macos(converted):
+    _, manifest = converted
+    assert manifest["validation"]["passed"] is True and manifest["quality"]["kld_mean"] < 0.6
+
+
+@pytest.mark.e2e
+def test_default_model_int4_coreml(tmp_path):
+    """SmolLM2 at int4 (~2 min, 2.5 GB peak): every tensor stored as the recipe says, bit for bit."""
+    from edgekit.convert import convert
+
+    manifest = convert(None, "coreml", "int4", tmp_path / "out")
+    checks = manifest["artifact"]["package_checks"]["weights"]
+    assert checks["bit_exact"] and checks["tensors"] == 211
+    assert set(checks["stored_as"]) <= {"int4", "int8"}
+    assert manifest["size_bytes"] < 120e6
