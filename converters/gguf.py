@@ -121,8 +121,10 @@ class GGUFExporter:
             return "layers have different widths after pruning; prune with uniform widths or use --format onnx"
         for n in model.tensors:
             enc = model.encoding(n)
+            if not isinstance(enc, BlockQuant):
+                continue
             ok = (enc.block_size, enc.bits) in ((32, 4), (32, 8)) or (enc.bits == 2 and enc.block_size % 32 == 0)
-            if isinstance(enc, BlockQuant) and not ok:
+            if not ok:
                 return f"{n}: {enc.bits}-bit blocks of {enc.block_size} have no GGUF type"
         return None
 
