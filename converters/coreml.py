@@ -151,7 +151,7 @@ def convert_decoder(model: Model, ctx: int, package: Path) -> dict[str, Any]:
         traced = torch.jit.trace(net, example, check_trace=False)
     shape = ctorch.cache_shape(model, ctx)
     q, t = ct.RangeDim(1, ctx), ct.RangeDim(1, ctx)
-    with cw.packing(model, ctorch.weight_names(model)) as job, warnings.catch_warnings():
+    with cw.packing(model, cw.by_param_name(ctorch.weight_names(model))) as job, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlmodel = ct.convert(
             traced,
@@ -225,7 +225,8 @@ def validate_package(package: Path, model: Model, ctx: int, cache: tuple[int, ..
     if bad_io:
         raise ValidationError(package.name, "inputs/outputs/states differing from the runtime's contract", len(bad_io), 0,
                               "; ".join(bad_io[:3]))
-    weights = cw.check_read_back(cw.read_back(prog, model), model)
+    names = model.linear_names()
+    weights = cw.check_read_back(cw.read_back(prog, names), model, names)
     if not weights["bit_exact"]:
         raise ValidationError(package.name, "weights read back from the package: tensors differing from edgekit's numbers",
                               len(weights["mismatches"]), 0, "; ".join(weights["mismatches"][:3]))
@@ -319,6 +320,15 @@ def unmeasured_profile(file: Path, manifest: dict | None, why: str, targets: lis
     from edgekit.targets import predict as pr
     from edgekit.targets.profiles import get_profile, load_profiles
 
+    cfg = json.loads((Path(file).parent / CONFIG_FILE).read_text()) if (Path(file).parent / CONFIG_FILE).exists() else {}
+    if cfg.get("kind") == "encoder":  # the roofline predictor models decoders; report what the package holds
+        size = tree_bytes(file)
+        params = (manifest or {}).get("model", {}).get("parameters")
+        return {"artifact": str(file), "format": "coreml", "runtime": "coreml", "model_kind": "encoder", "size_bytes": size,
+                "bits_per_weight": 8 * size / params if params else None, "parameters": params,
+                "tensor_types": (manifest or {}).get("artifact", {}).get("tensor_types"),
+                "recipe": (manifest or {}).get("recipe", {}).get("quant"), "speed": None, "speed_note": why,
+                "quality": None, "quality_note": f"not measured: {why}", "targets": {}}
     facts = coreml_facts(file)
     names = list(targets) or [n for n, p in sorted(load_profiles(profile_dirs).items()) if "coreml" in p.runtimes]
     result: dict[str, Any] = {

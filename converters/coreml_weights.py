@@ -49,9 +49,9 @@ def storage_kind(model: Model, name: str) -> str:
     return "fp16"
 
 
-def unsupported(model: Model) -> str | None:
+def unsupported(model, names: list[str] | None = None) -> str | None:
     """Why the tensors' encodings cannot be packed (None when they can)."""
-    for n in model.linear_names():
+    for n in names if names is not None else model.linear_names():
         enc = model.encoding(n)
         if isinstance(enc, BlockQuant) and enc.bits not in (2, 4, 8):
             return f"{n}: {enc.bits}-bit weights have no exact Core ML form here (2, 4 and 8 bits do)"
@@ -96,41 +96,73 @@ def _register() -> None:
                 _pack_block(func, job)
 
 
+def by_param_name(names: list[str]):
+    """Find a tensor by the parameter name ``w<k>`` the decoder module gave it (``k`` indexes ``names``)."""
+
+    def lookup(op) -> str | None:
+        m = _PARAM.match(op.name)
+        return names[int(m.group(1))] if m and int(m.group(1)) < len(names) else None
+
+    return lookup
+
+
+def by_value(model, names: list[str]):
+    """Find a tensor by its fp16 value (for modules whose parameter names coremltools rewrites): the
+    conversion rounds every float32 const to fp16, so the const holds exactly ``tensor.astype(fp16)``."""
+    import hashlib
+
+    index: dict[tuple, str] = {}
+    for n in names:
+        t = np.ascontiguousarray(model.tensors[n].astype(np.float16))
+        index.setdefault((t.shape, hashlib.sha1(t.tobytes()).hexdigest()), n)
+
+    def lookup(op) -> str | None:
+        val = op.outputs[0].val
+        if val is None or np.ndim(val) != 2:
+            return None
+        v = np.ascontiguousarray(np.asarray(val).astype(np.float16))
+        return index.get((v.shape, hashlib.sha1(v.tobytes()).hexdigest()))
+
+    return lookup
+
+
 def _pack_block(block, job: dict[str, Any]) -> None:
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
-    names: list[str] = job["names"]
-    model: Model = job["model"]
+    model = job["model"]
     for op in list(block.operations):
         for inner in op.blocks:
             _pack_block(inner, job)
-        if op.op_type != "const":
+        if op.op_type != "const" or op.name.startswith("edgekit__"):
             continue
-        m = _PARAM.match(op.name)
-        if not m or int(m.group(1)) >= len(names):
+        hf = job["lookup"](op)
+        if hf is None:
             continue
-        hf = names[int(m.group(1))]
         val = op.outputs[0].val
         if val is None or tuple(val.shape) != tuple(model.tensors[hf].shape):
             raise RuntimeError(f"const {op.name} does not have the shape of {hf}")
         enc = model.encoding(hf)
         job["found"].setdefault(hf, []).append(op.name)
-        with block:
-            if isinstance(enc, BlockQuant):
-                new = _compressed_var(mb, types, enc, const_name(hf), op)
-            else:  # keep the fp16 values the conversion made, under a name read_back can find
-                new = mb.const(val=np.asarray(val), before_op=op, name=const_name(hf))
+        new = job["vars"].get(hf) if block is job["vars_block"].get(hf) else None
+        if new is None:  # a tensor the conversion left in two consts is stored once
+            with block:
+                if isinstance(enc, BlockQuant):
+                    new = _compressed_var(mb, types, enc, const_name(hf), op)
+                else:  # keep the fp16 values the conversion made, under a name read_back can find
+                    new = mb.const(val=np.asarray(val), before_op=op, name=const_name(hf))
+            job["vars"][hf], job["vars_block"][hf] = new, block
         block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
                                            no_check_var_types=True, force_replace=True)
         block.remove_ops([op])
 
 
 @contextmanager
-def packing(model: Model, names: list[str]) -> Iterator[dict[str, Any]]:
-    """Within this block, conversions run with :data:`PASS_NAME` packing ``model``'s encodings."""
+def packing(model, lookup) -> Iterator[dict[str, Any]]:
+    """Within this block, conversions run with :data:`PASS_NAME` packing ``model``'s encodings into the
+    consts ``lookup(op)`` names (a tensor name, or None for consts that are not weights)."""
     _register()
-    job = {"model": model, "names": names, "found": {}}
+    job = {"model": model, "lookup": lookup, "found": {}, "vars": {}, "vars_block": {}}
     _job.current = job
     try:
         yield job
@@ -175,11 +207,11 @@ def _ops(prog) -> list:
     return out
 
 
-def read_back(prog, model: Model) -> dict[str, dict[str, Any]]:
-    """For each 2-D tensor of ``model``: what the package stores under its name (kind and arrays)."""
+def read_back(prog, names: list[str]) -> dict[str, dict[str, Any]]:
+    """For each tensor in ``names``: what the package stores under its name (kind and arrays)."""
     by_name = {op.name: op for op in _ops(prog)}
     out: dict[str, dict[str, Any]] = {}
-    for hf in model.linear_names():
+    for hf in names:
         op = by_name.get(const_name(hf))
         if op is None:
             continue
@@ -215,11 +247,11 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def check_read_back(stored: dict[str, dict[str, Any]], model: Model) -> dict[str, Any]:
-    """Compare every stored tensor with ``model``'s encoding; returns a summary, lists mismatches."""
+def check_read_back(stored: dict[str, dict[str, Any]], model, names: list[str]) -> dict[str, Any]:
+    """Compare every stored tensor in ``names`` with ``model``'s encoding; returns a summary, lists mismatches."""
     bad: list[str] = []
     kinds: dict[str, int] = {}
-    for hf in model.linear_names():
+    for hf in names:
         got = stored.get(hf)
         want = storage_kind(model, hf)
         if got is None:
@@ -244,7 +276,7 @@ def check_read_back(stored: dict[str, dict[str, Any]], model: Model) -> dict[str
             ok = _same_bits(got["values"], model.tensors[hf].astype(np.float16))
         if not ok:
             bad.append(f"{hf}: stored {want} numbers differ from edgekit's")
-    return {"tensors": len(model.linear_names()), "bit_exact": not bad, "mismatches": bad, "stored_as": kinds}
+    return {"tensors": len(names), "bit_exact": not bad, "mismatches": bad, "stored_as": kinds}
 
 
 def _lut_dense(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:

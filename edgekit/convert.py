@@ -119,7 +119,10 @@ def convert(model: str | None = None, format: str = "gguf", quant: str | None = 
     from edgekit.encoder import is_encoder
 
     if is_encoder(model):  # BERT sentence encoders: their own recipes, exporter and cosine validation
-        from edgekit.converters.onnx_encoder import convert_encoder
+        if format == "coreml":
+            from edgekit.converters.coreml_encoder import convert_encoder
+        else:
+            from edgekit.converters.onnx_encoder import convert_encoder
 
         return convert_encoder(model, format, quant, out, force, eval_text, calib_text, progress, log, target=target)
     out = Path(out)

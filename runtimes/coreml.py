@@ -23,6 +23,7 @@ import numpy as np
 from edgekit.errors import EdgekitError, InputError, MissingDependencyError
 from edgekit.runtimes import TextSession
 from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
+from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
 
 CONFIG_FILE = "coreml_config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -81,21 +82,7 @@ class CoreMLSession(TextSession):
         self._n_past = 0
         if vocab_only:
             return
-        why = unavailable_reason()
-        if why:
-            raise PlatformError(why, "copy the artifact to a Mac (macOS 15 or later) to run it; "
-                                     "`edgekit profile` here reports its size and predicted figures")
-        if compute_units not in _UNITS:
-            raise InputError(f"unknown compute_units '{compute_units}'", f"use one of {', '.join(_UNITS)}")
-        try:
-            import coremltools as ct
-        except ImportError:
-            raise MissingDependencyError("the Core ML backend needs coremltools", "pip install coremltools") from None
-        try:
-            self._model = ct.models.MLModel(self.path, compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
-        except Exception as exc:
-            raise InputError(f"Core ML could not load {self.path} ({' '.join(str(exc).split())[:200]})",
-                             "re-export the model (it needs macOS 15 / iOS 18 or later)") from None
+        self._model = _open_mlmodel(self.path, compute_units)
         self.reset()
 
     @property
@@ -173,6 +160,70 @@ class CoreMLSession(TextSession):
         self._model = None
 
 
+def _open_mlmodel(path: str, compute_units: str):
+    why = unavailable_reason()
+    if why:
+        raise PlatformError(why, "copy the artifact to a Mac (macOS 15 or later) to run it; "
+                                 "`edgekit profile` here reports its size and predicted figures")
+    if compute_units not in _UNITS:
+        raise InputError(f"unknown compute_units '{compute_units}'", f"use one of {', '.join(_UNITS)}")
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise MissingDependencyError("the Core ML backend needs coremltools", "pip install coremltools") from None
+    try:
+        return ct.models.MLModel(path, compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
+    except Exception as exc:
+        raise InputError(f"Core ML could not load {path} ({' '.join(str(exc).split())[:200]})",
+                         "re-export the model (it needs macOS 15 / iOS 18 or later)") from None
+
+
+class CoreMLEncoderSession:
+    """A Core ML sentence encoder: ``embed(texts)`` -> float32 [n, dim], as the ONNX encoder session.
+
+    Tokenization, batching and input checks are the ONNX encoder session's (borrowed: one definition).
+    """
+
+    runtime = "coreml"
+    kind = "encoder"
+
+    _load_tokenizer = OnnxEncoderSession._load_tokenizer
+    tokenize = OnnxEncoderSession.tokenize
+    embed = OnnxEncoderSession.embed
+    __enter__, __exit__ = OnnxEncoderSession.__enter__, OnnxEncoderSession.__exit__
+
+    def __init__(self, path: str | os.PathLike, batch_size: int = 32, compute_units: str = "all", **_: Any):
+        self.path = str(path)
+        p = Path(self.path)
+        try:
+            self.config = json.loads((p.parent / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            raise InputError(f"{p.parent / CONFIG_FILE} is missing or unreadable",
+                             "re-export the model with `edgekit convert --format coreml`") from None
+        self.dim = int(self.config["dim"])
+        self.max_length = int(self.config["max_length"])
+        self.batch_size = max(1, min(int(batch_size), int(self.config.get("max_batch", batch_size))))
+        self._load_tokenizer(p.parent / TOKENIZER_FILE)
+        self._sess = _open_mlmodel(self.path, compute_units)
+
+    def _run(self, texts: Sequence[str]) -> np.ndarray:
+        from edgekit.encoder import encode_texts
+
+        ids, mask = encode_texts(self._tok, texts)
+        out = self._sess.predict({"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32)})
+        return np.asarray(out[self.config["output"]], dtype=np.float32)
+
+    def close(self) -> None:
+        self._sess = None
+
+
+def _is_encoder(path: str | os.PathLike) -> bool:
+    try:
+        return json.loads((Path(path).parent / CONFIG_FILE).read_text()).get("kind") == "encoder"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class CoreMLRuntime:
     """Runtime plug-in: opens ``.mlpackage`` decoders written by edgekit's Core ML exporter (macOS only)."""
 
@@ -192,5 +243,7 @@ class CoreMLRuntime:
         return unmeasured_profile(*args)
 
     @staticmethod
-    def open(path: str | os.PathLike, **options: Any) -> CoreMLSession:
+    def open(path: str | os.PathLike, **options: Any) -> CoreMLSession | CoreMLEncoderSession:
+        if _is_encoder(path):  # sentence encoders: embed() instead of generate()
+            return CoreMLEncoderSession(path, **options)
         return CoreMLSession(path, **options)

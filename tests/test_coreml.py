@@ -315,6 +315,46 @@ def test_cli_profile_on_linux_predicts_apple_targets(converted):
     assert table.returncode == 0 and "not measured" in table.stdout and "iphone-15-pro" in table.stdout
 
 
+# ---------------------------------------------------------------- sentence encoder (tiny BERT)
+
+from tests.test_encoder import TEXTS, tiny_bert  # noqa: E402,F401 (a fixture: a random 2-layer BERT directory)
+
+
+@pytest.mark.parametrize("quant", ["int8", "ternary"])
+def test_encoder_converts_bit_exact(tiny_bert, tmp_path, quant):  # noqa: F811
+    from edgekit.converters.coreml_encoder import convert_encoder
+
+    out = tmp_path / "out"
+    manifest = convert_encoder(str(tiny_bert), "coreml", quant, out)
+    checks = manifest["artifact"]["package_checks"]
+    assert checks["weights"]["bit_exact"] and checks["weights"]["tensors"] == 13  # embedding + 2 x 6 matrices
+    assert checks["weights"]["stored_as"] == ({"int8": 13} if quant == "int8" else {"int8": 1, "lut2": 12})
+    ops = checks["op_counts"]
+    assert ops["linear"] == 12
+    assert ops.get("constexpr_lut_to_dense", 0) == (12 if quant == "ternary" else 0)
+    assert checks["interface"]["outputs"]["sentence_embedding"]["dtype"] == "FLOAT32"
+    assert set(checks["interface"]["inputs"]) == {"input_ids", "attention_mask"}
+    if sys.platform != "darwin":
+        assert manifest["validation"] == {"passed": None, "why": manifest["validation"]["why"]}
+        assert "macOS" in manifest["validation"]["why"]
+    assert manifest["size_bytes"] > 0 and {p.name for p in out.iterdir()} >= {"model.mlpackage", "manifest.json"}
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="needs Core ML's runtime, which exists only on macOS")
+def test_encoder_embeddings_match_reference_on_macos(tiny_bert, tmp_path):  # noqa: F811
+    import edgekit
+    from edgekit.converters.coreml_encoder import convert_encoder
+    from edgekit.encoder import EncoderReference, load_encoder
+
+    out = tmp_path / "out"
+    convert_encoder(str(tiny_bert), "coreml", "fp16", out)
+    want = EncoderReference(load_encoder(str(tiny_bert))).embed(TEXTS)
+    with edgekit.load(out) as s:
+        got = s.embed(TEXTS)
+    assert (np.sum(got * want, axis=1) > 0.999).all()
+
+
 # ---------------------------------------------------------------- numeric checks on macOS only
 
 
