@@ -6,10 +6,11 @@ int8 and fp32; GGUF q4_0, int4 and q8_0. For each:
 - decode tok/s through ``edgekit.load`` (``stream_tokens``), in alternating rounds in one process,
   the order rotating every round (only ratios measured this way mean anything on a shared machine);
   the headline is ONNX int4 over GGUF q4_0, round by round;
-- TTFT and peak RSS in a fresh process per artifact (``edgekit.harness.speed``);
+- TTFT of a 128-token prompt, alternating the same way; peak RSS in a fresh process per artifact
+  (``edgekit.harness.speed``);
 - size, KLD and perplexity from each artifact's manifest (measured at export against the float reference).
 
-Prints a table and writes benchmarks/results/onnx.json.
+Prints a table and writes benchmarks/results/onnx-<threads>t.json.
 """
 
 from __future__ import annotations
@@ -41,30 +42,72 @@ def convert_all(root: Path, reuse: bool, which: list[tuple[str, str]]) -> dict[s
     return out
 
 
+def llamacpp_works(gguf: Path) -> bool:
+    """Whether llama.cpp decodes here as built. On CPUs that advertise AMX, a llama.cpp built with
+    GGML_NATIVE runs its AMX kernels, which die with SIGILL on some VMs (seen here: ``tilezero`` in
+    ggml_backend_amx_mul_mat). Checked in a child process so the benchmark survives it."""
+    import subprocess
+    import sys
+
+    code = ("import edgekit, sys; s = edgekit.load(sys.argv[1], n_threads=1); "
+            "print(len(list(s.stream_tokens(s.tokenize('Hello there'), 4, ignore_eos=True))))")
+    return subprocess.run([sys.executable, "-c", code, str(gguf)], capture_output=True).returncode == 0
+
+
+def disable_llamacpp_extra_buffers() -> None:
+    """Load GGUF models without llama.cpp's extra buffer types (AMX and the CPU repack of Q4_0/Q8_0 into
+    interleaved blocks): the fallback when the AMX path crashes. It makes llama.cpp slower than a build
+    without AMX would be (no repacked kernels), so the results say when it was used."""
+    import llama_cpp
+    import llama_cpp.llama as ll
+
+    original = llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    ll.llama_cpp.llama_model_default_params = params
+
+
 def decode_rounds(dirs: dict[str, Path], rounds: int, tokens: int, threads: int) -> dict[str, dict]:
     """Decode tok/s of every artifact, alternating artifacts within each round."""
     import edgekit
 
+    from edgekit.harness.quality import default_text_path
+
     sessions = {k: edgekit.load(d, n_threads=threads) for k, d in dirs.items()}
-    prompt = next(iter(sessions.values())).tokenize(PROMPT)
+    first = next(iter(sessions.values()))
+    prompt = first.tokenize(PROMPT)
+    long_prompt = first.tokenize(Path(default_text_path()).read_text())[:128]
 
     def run(s) -> float:
         stamps = [time.perf_counter() for _ in s.stream_tokens(prompt, tokens, ignore_eos=True)]
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
+    def ttft(s) -> float:
+        t0 = time.perf_counter()
+        next(iter(s.stream_tokens(long_prompt, 1, ignore_eos=True)))
+        return (time.perf_counter() - t0) * 1000
+
     for s in sessions.values():
         run(s)  # warm-up
     names = list(sessions)
     rates: dict[str, list[float]] = {k: [] for k in names}
+    firsts: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
             rates[k].append(run(sessions[k]))
+            firsts[k].append(ttft(sessions[k]))
     for s in sessions.values():
         s.close()
     out = {}
     for k in names:
-        row = {"decode_tok_s": statistics.median(rates[k]), "decode_tok_s_all": rates[k]}
+        row = {"decode_tok_s": statistics.median(rates[k]), "decode_tok_s_all": rates[k],
+               "ttft_128_ms": statistics.median(firsts[k])}
         if BASELINE in rates:
             ratios = [a / b for a, b in zip(rates[k], rates[BASELINE])]
             row |= {"ratio_vs_q4_0_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
@@ -97,22 +140,32 @@ def main() -> None:
     threads = args.threads or default_threads()
     which = [a for a in ARTIFACTS if not args.only or " ".join(a) in args.only]
     console = Console()
+    from edgekit.sources import default_model_path
+
+    # before converting: GGUF export validates through llama.cpp in this process
+    extra_bufts = not any(fmt == "gguf" for fmt, _ in which) or llamacpp_works(default_model_path())
+    if not extra_bufts:
+        console.print("[yellow]llama.cpp's AMX kernels crash on this CPU: GGUF runs without extra buffer types "
+                      "(no AMX, no Q4_0/Q8_0 repack), which is slower than a llama.cpp built without AMX[/yellow]")
+        disable_llamacpp_extra_buffers()
     console.print(f"[dim]converting {', '.join(' '.join(a) for a in which)} (validated at export)...[/dim]")
     dirs = convert_all(args.out, args.reuse, which)
     manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in dirs.items()}
     console.print(f"[dim]decode: {args.rounds} alternating rounds of {args.tokens} tokens, {threads} threads...[/dim]")
     speed = decode_rounds(dirs, args.rounds, args.tokens, threads)
     console.print("[dim]TTFT and peak RSS, one fresh process per artifact...[/dim]")
-    fresh = fresh_process(dirs, threads)
+    fresh = fresh_process({k: d for k, d in dirs.items() if extra_bufts or not k.startswith("gguf")}, threads)
 
     t = Table(title=f"ONNX Runtime vs llama.cpp, default model, {threads} threads (decode: median of "
                     f"{args.rounds} alternating rounds)")
-    for c in ("artifact", "size MB", "KLD mean", "ppl", "decode tok/s", f"x {BASELINE}", "ratio range", "TTFT ms",
+    for c in ("artifact", "size MB", "KLD mean", "ppl", "decode tok/s", f"x {BASELINE}", "ratio range", "TTFT ms (128)",
               "peak RSS MB"):
         t.add_column(c)
     rows = {}
     for k in dirs:
-        m, s, f = manifests[k], speed[k], fresh[k]
+        m, s = manifests[k], speed[k]
+        f = fresh.get(k, {"ttft_ms": float("nan"), "peak_rss_bytes": float("nan"), "decode_tok_s": None,
+                          "prefill_tok_s": None, "load_s": None})
         q = m["quality"]
         rows[k] = {"size_bytes": m["size_bytes"], "kld_mean": q["kld_mean"], "ppl": q["ppl"], "ref_ppl": q["ref_ppl"],
                    **s, "ttft_ms": f["ttft_ms"], "peak_rss_bytes": f["peak_rss_bytes"],
@@ -121,13 +174,13 @@ def main() -> None:
         t.add_row(k, f"{m['size_bytes'] / 1e6:.1f}", f"{q['kld_mean']:.4f}", f"{q['ppl']:.3f}",
                   f"{s['decode_tok_s']:.1f}", f"{s.get('ratio_vs_q4_0_median', float('nan')):.2f}",
                   f"{s.get('ratio_min', float('nan')):.2f}-{s.get('ratio_max', float('nan')):.2f}",
-                  f"{f['ttft_ms']:.0f}", f"{f['peak_rss_bytes'] / 1e6:.0f}")
+                  f"{s['ttft_128_ms']:.0f}", f"{f['peak_rss_bytes'] / 1e6:.0f}")
     console.print(t)
     ref = next(iter(manifests.values()))["quality"]["ref_ppl"]
     console.print(f"float reference perplexity {ref:.3f}")
-    result = {"rows": rows, "threads": threads, "rounds": args.rounds, "tokens": args.tokens, "ref_ppl": ref,
+    result = {"rows": rows, "threads": threads, "llamacpp_extra_buffer_types": extra_bufts, "rounds": args.rounds, "tokens": args.tokens, "ref_ppl": ref,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    dest = HERE / "results" / "onnx.json"
+    dest = HERE / "results" / f"onnx-{threads}t.json"
     dest.parent.mkdir(exist_ok=True)
     dest.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {dest}")

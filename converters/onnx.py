@@ -28,8 +28,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgekit.converters.onnx_graph import (ACCURACY_LEVEL, NBITS, OPSET, DecoderBuilder, layer_shapes, nbits_ok,
                                            pack_nbits, read_matrices, unpack_nbits)
 from edgekit.model import BlockQuant, Model

@@ -92,6 +92,8 @@ class OnnxRuntimeSession(TextSession):
         self._n_past = 0
         if vocab_only:
             return
+        if int(cfg.get("version", 1)) < 2:  # version 1 graphs took position_ids and concatenated the cache
+            raise InputError(f"{self.path} was written by an older edgekit ONNX exporter", "re-export the model")
         ort = _ort()
         if graph_optimization_level not in _OPT_LEVELS:
             raise InputError(f"unknown graph_optimization_level '{graph_optimization_level}'", f"use one of {', '.join(_OPT_LEVELS)}")
@@ -116,8 +118,6 @@ class OnnxRuntimeSession(TextSession):
         missing = [n for n in cfg["inputs"] if n not in names]
         if missing:
             raise InputError(f"{self.path} lacks the decoder inputs {missing[:3]}", "re-export the model with edgekit")
-        if int(cfg.get("version", 1)) < 2:
-            raise InputError(f"{self.path} was written by an older edgekit ONNX exporter", "re-export the model")
         if self.n_ctx > int(cfg["max_position"]):
             self.n_ctx = int(cfg["max_position"])  # the rotary tables end there
         self._ort = ort
