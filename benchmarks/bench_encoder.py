@@ -99,7 +99,7 @@ def main() -> None:
         t.add_row(r["variant"], "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f} MB",
                   f"{r['bits_per_weight']:.2f}", f"{r['texts_s']:.1f}", f"{r['batch_latency_ms']:.1f}",
                   f"{r['speed_vs_onnx_fp32']:.2f}x", f"{r['cosine_mean']:.5f}", f"{r['cosine_min']:.5f}")
-    Console().print(t)
+    Console(width=150).print(t)
     (HERE / "results").mkdir(exist_ok=True)
     result = {"model": "all-MiniLM-L6-v2", "sentences": len(sentences), "text": label, "batch_size": args.batch_size,
               "rounds": args.rounds, "threads": sessions["fp32"].n_threads, "rows": rows}

@@ -143,6 +143,12 @@ class OnnxEncoderSession:
             out[idx] = self._run([texts[j] for j in idx])
         return out
 
+    def _not_a_decoder(self, *args: Any, **kw: Any):
+        raise InputError(f"{self.path} is a sentence encoder: it embeds text and does not generate",
+                         "call embed(texts) (in Python: edgekit.load(dir).embed([...]))")
+
+    generate = logits = stream_tokens = _not_a_decoder
+
     def close(self) -> None:
         self._sess = None
 

@@ -231,3 +231,8 @@ def test_minilm_cosine_bars(tmp_path, quant, bar):
         got = s.embed(read_sentences()[0][:16])
     want = EncoderReference(load_encoder("minilm")).embed(read_sentences()[0][:16])
     assert cosines(got, want).mean() >= bar
+
+
+def test_run_on_encoder_says_embed(tiny_int8):
+    r = run_cli("run", str(tiny_int8), "hello")
+    assert r.returncode == 2 and "embed" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -63,11 +63,12 @@ def reference_embeddings(model, source_id: str, sentences: Sequence[str],
     path = cache_dir("embeddings") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
     if path.exists():
         return np.load(path)
-    from edgekit.encoder import EncoderReference
+    from edgekit.encoder import EncoderReference, torch_threads
 
     if progress:
         progress("float reference embeddings", 0, 1)
-    emb = EncoderReference(model).embed(list(sentences))
+    with torch_threads(1):  # see torch_threads: faster here, and the figures do not depend on it
+        emb = EncoderReference(model).embed(list(sentences))
     if progress:
         progress("float reference embeddings", 1, 1)
     tmp = path.with_suffix(".tmp.npy")
