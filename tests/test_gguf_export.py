@@ -111,3 +111,29 @@ def test_session_api(tiny, tmp_path):
         assert "".join(pieces) == text  # greedy: streaming and not streaming agree
         assert s.logits(s.tokenize("Hello there")).shape == (len(s.tokenize("Hello there")), tiny.spec.vocab_size)
         assert len(list(s.stream_tokens(s.tokenize("a b c"), 5, ignore_eos=True))) == 5
+
+
+def test_quantized_rows_of_256_run_in_llama_cpp(tmp_path):
+    """Rows that are multiples of 256 take ggml's widest CPU kernels (AMX where compiled in): a llama.cpp
+    built with AMX on a VM that does not enable AMX dies here with SIGILL. Run in a child process so a
+    crash is reported as a failure instead of killing the test session."""
+    import subprocess
+    import sys
+
+    from edgekit.converters.gguf import GGUFExporter
+    from edgekit.passes import PassContext
+    from edgekit.passes.rtn import Q4_0Pass
+    from edgekit.torch_llama import TorchSession
+
+    m = tiny_model(hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2, head_dim=64)
+    Q4_0Pass().apply(m, PassContext())
+    GGUFExporter().export(m, tmp_path)
+    ids = list(range(100, 116))
+    code = ("import sys, numpy as np; from edgekit.runtimes.llamacpp import LlamaCppSession; "
+            f"np.save(sys.argv[2], LlamaCppSession(sys.argv[1], n_ctx=64).logits({ids}))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.gguf"), str(tmp_path / "l.npy")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"llama.cpp died (exit {r.returncode}); rebuild it with `make setup` (AMX off): {r.stderr[-500:]}"
+    got = np.load(tmp_path / "l.npy")
+    want = TorchSession(m, None).logits(ids)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
