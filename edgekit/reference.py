@@ -5,7 +5,6 @@ Only conversion and profiling import this module; the runtime wrapper never does
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
@@ -19,7 +18,9 @@ def _torch():
         import torch
     except ImportError:
         raise MissingDependencyError("torch is needed for the float reference", "run `make setup`") from None
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from edgekit.torch_llama import torch_threads
+
+    torch.set_num_threads(torch_threads())
     return torch
 
 
