@@ -22,7 +22,7 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 OTHER_PROSE = Path("/usr/share/common-licenses/GPL-3")
-DEFAULT_RECIPES = ["int4", "prune20", "prune20-recover", "prune40", "prune40-recover", "prune25-recover-int4",
+DEFAULT_RECIPES = ["int4", "prune25", "prune25-recover", "prune20", "prune20-recover", "prune40", "prune40-recover", "prune25-recover-int4",
                    "ternary", "ternary-recover", "lowrank75", "lowrank50", "lowrank50-plain", "lowrank75-int4"]
 
 
@@ -82,8 +82,9 @@ def main() -> None:
     rows = []
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    for name in args.recipes.split(","):
-        for fmt in args.formats.split(","):
+    for item in args.recipes.split(","):
+        name, _, only = item.partition("@")  # "lowrank50@onnx": that format only
+        for fmt in ([only] if only else args.formats.split(",")):
             console.print(f"[dim]{name} -> {fmt}...[/dim]")
             rows.append(run_one(name, fmt, args.out, args.text, args.reuse))
             (results / "recipes.json").write_text(json.dumps({"rows": rows, "user_text": str(args.text)}, indent=1))
