@@ -54,22 +54,67 @@ def llamacpp_works(gguf: Path) -> bool:
     return subprocess.run([sys.executable, "-c", code, str(gguf)], capture_output=True).returncode == 0
 
 
-def disable_llamacpp_extra_buffers() -> None:
-    """Load GGUF models without llama.cpp's extra buffer types (AMX and the CPU repack of Q4_0/Q8_0 into
-    interleaved blocks): the fallback when the AMX path crashes. It makes llama.cpp slower than a build
-    without AMX would be (no repacked kernels), so the results say when it was used."""
+_KEEP: list = []  # ctypes arrays llama.cpp reads while loading models
+
+
+def _repack_buffer_type():
+    """llama.cpp's CPU_REPACK buffer type (Q4_0/Q8_0 weights in interleaved blocks), or None."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    ggml, base = ctypes.CDLL(os.path.join(lib, "libggml.so")), ctypes.CDLL(os.path.join(lib, "libggml-base.so"))
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    llama_cpp.llama_backend_init()
+    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    fn = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    if not fn:
+        return None
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
+    i = 0
+    while bufts[i]:
+        if base.ggml_backend_buft_name(bufts[i]) == b"CPU_REPACK":
+            return bufts[i]
+        i += 1
+    return None
+
+
+def avoid_llamacpp_amx() -> str:
+    """Load GGUF models without llama.cpp's AMX buffer type (the fallback when its kernels crash) but with
+    the CPU repack of the layer weights, as llama.cpp uses on a CPU without AMX: no extra buffer types by
+    default, and an override that puts every layer matrix in CPU_REPACK. Returns what was set."""
+    import ctypes
+
     import llama_cpp
     import llama_cpp.llama as ll
 
+    class Override(ctypes.Structure):
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    repack = _repack_buffer_type()
+    table = (Override * 2)(Override(rb"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight",
+                                    repack), Override(None, None))
+    _KEEP.append(table)
     original = llama_cpp.llama_model_default_params
 
     def params():
         p = original()
         p.use_extra_bufts = False
+        if repack:
+            p.tensor_buft_overrides = ctypes.addressof(table)
         return p
 
     llama_cpp.llama_model_default_params = params
     ll.llama_cpp.llama_model_default_params = params
+    return "no AMX; layer matrices in CPU_REPACK" if repack else "no AMX, no repack (CPU_REPACK not found)"
 
 
 def decode_rounds(dirs: dict[str, Path], rounds: int, tokens: int, threads: int) -> dict[str, dict]:
@@ -143,11 +188,11 @@ def main() -> None:
     from edgekit.sources import default_model_path
 
     # before converting: GGUF export validates through llama.cpp in this process
-    extra_bufts = not any(fmt == "gguf" for fmt, _ in which) or llamacpp_works(default_model_path())
-    if not extra_bufts:
-        console.print("[yellow]llama.cpp's AMX kernels crash on this CPU: GGUF runs without extra buffer types "
-                      "(no AMX, no Q4_0/Q8_0 repack), which is slower than a llama.cpp built without AMX[/yellow]")
-        disable_llamacpp_extra_buffers()
+    llamacpp_setup = "as built"
+    if any(fmt == "gguf" for fmt, _ in which) and not llamacpp_works(default_model_path()):
+        llamacpp_setup = avoid_llamacpp_amx()
+        console.print(f"[yellow]llama.cpp's AMX kernels crash on this CPU: GGUF runs with {llamacpp_setup}[/yellow]")
+    extra_bufts = llamacpp_setup == "as built"
     console.print(f"[dim]converting {', '.join(' '.join(a) for a in which)} (validated at export)...[/dim]")
     dirs = convert_all(args.out, args.reuse, which)
     manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in dirs.items()}
@@ -178,7 +223,7 @@ def main() -> None:
     console.print(t)
     ref = next(iter(manifests.values()))["quality"]["ref_ppl"]
     console.print(f"float reference perplexity {ref:.3f}")
-    result = {"rows": rows, "threads": threads, "llamacpp_extra_buffer_types": extra_bufts, "rounds": args.rounds, "tokens": args.tokens, "ref_ppl": ref,
+    result = {"rows": rows, "threads": threads, "llamacpp_buffers": llamacpp_setup, "rounds": args.rounds, "tokens": args.tokens, "ref_ppl": ref,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     dest = HERE / "results" / f"onnx-{threads}t.json"
     dest.parent.mkdir(exist_ok=True)
