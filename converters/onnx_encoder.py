@@ -41,9 +41,9 @@ from edgekit.model import BlockQuant, Cast
 
 OPSET = 18
 # accuracy_level 4 computes with int8 activations; 0 keeps them float32. Measured on MiniLM
-# (benchmarks/bench_encoder.py, batches of 32, alternating rounds): level 4 was no faster for the large
-# M (= batch x tokens) of an encoder (int8 0.89x vs 0.90x of fp32's texts/s, int4 0.95x vs 0.93x: noise)
-# and cost cosine (int8 worst sentence 0.9974 vs 0.9992), so encoders keep level 0.
+# (benchmarks/bench_encoder.py, batches of 32, alternating rounds, two runs): level 4 was not faster for
+# the large M (= batch x tokens) of an encoder (0.79-0.95x of fp32's texts/s against level 0's
+# 0.88-0.93x) and cost cosine (int8 worst sentence 0.9974 vs 0.9992), so encoders keep level 0.
 ACCURACY_LEVEL = 0
 INLINE_LIMIT = 1_800_000_000
 CONFIG_FILE = "onnx_config.json"

@@ -101,7 +101,10 @@ def quantize_encoder(model: EncoderModel, quant: str, calibration: Callable[[], 
     if quant == "int8":
         for n in names:
             model.encodings[n] = quantize_q8_0(model.tensors[n])
-        return record
+        # ORT's dynamic int8 (activations quantized at run time) ran faster on MiniLM but lost far more
+        # cosine; benchmarks/bench_encoder.py measures both in every run
+        return record | {"method": "weight-only (Q8_0 integers; activations stay float)",
+                         "why": "the same numbers as GGUF q8_0; ORT dynamic int8 trades cosine for speed (see bench_encoder)"}
     if quant == "q4_0":
         for n in names:
             model.encodings[n] = quantize_q4_0(model.tensors[n])
