@@ -41,7 +41,6 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/bench_spine.py
 	$(PY) benchmarks/bench_targets.py --out out/bench
-	$(PY) benchmarks/bench_encoder.py --out out/bench-encoder
 	$(PY) benchmarks/bench_onnx.py --out out/bench-onnx
 	$(PY) benchmarks/bench_encoder.py --out out/bench-encoder
 
