@@ -119,6 +119,9 @@ def convert(model: str | None = None, format: str = "gguf", quant: str | None = 
     from edgekit.encoder import is_encoder
 
     if is_encoder(model):  # BERT sentence encoders: their own recipes, exporter and cosine validation
+        if recipe is not None and (len(recipe.passes) > 1 or recipe.structural):
+            raise EdgekitError("pruning / low-rank / recovery recipes are implemented for Llama decoders, not encoders",
+                               "convert the encoder with --quant only")
         if format == "coreml":
             from edgekit.converters.coreml_encoder import convert_encoder
         else:
