@@ -251,7 +251,8 @@ def manifest_table(m: dict[str, Any], out: Path):
     t.add_row("size", f"{_mb(m['size_bytes'])} at {m['bits_per_weight']:.2f} bits/weight")
     t.add_row("tensor types", ", ".join(f"{k}x{v}" for k, v in m["artifact"].get("tensor_types", {}).items()))
     t.add_row("embedding cosine vs float", quality_text(m.get("quality")))
-    t.add_row("validation", "passed" if m["validation"]["passed"] else "FAILED")
+    v = m["validation"]
+    t.add_row("validation", "passed" if v["passed"] else (f"not run: {v.get('why', '')}" if v["passed"] is None else "FAILED"))
     t.add_row("time", f"{m['timings_s']['total_s']:.1f} s")
     return t
 
