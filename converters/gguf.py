@@ -54,16 +54,6 @@ def pack_tq2_0(bq: BlockQuant) -> np.ndarray:
     return packed
 
 
-def tq2_0_enabled() -> bool:
-    """TQ2_0 is opt-in (``EDGEKIT_GGUF_TQ2_0=1``): llama-cpp-python 0.3.36 built here (AVX-512/AMX CPU)
-    dies with SIGILL in its CPU TQ2_0 and TQ1_0 kernels (checked on a tiny model), which would kill
-    the converting process during validation and any app loading the file. Q4_0 holds the very same
-    ternary values exactly, at 4.5 instead of 2.06 bits per weight."""
-    import os
-
-    return os.environ.get("EDGEKIT_GGUF_TQ2_0") == "1"
-
-
 def as_q4_0_blocks(bq: BlockQuant) -> BlockQuant:
     """The same ternary values in Q4_0's container (blocks of 32 sharing their block's scale): exact."""
     rep = bq.block_size // 32
@@ -89,9 +79,9 @@ def encode_tensor(model: Model, hf_name: str) -> tuple[np.ndarray, Any, str]:
             return pack_q4_0(enc), T.Q4_0, "Q4_0"
         if enc.bits == 8 and enc.block_size == 32:
             return pack_q8_0(enc), T.Q8_0, "Q8_0"
-        if enc.bits == 2 and enc.block_size == 256 and tq2_0_enabled():
+        if enc.bits == 2 and enc.block_size == 256:
             return pack_tq2_0(enc), T.TQ2_0, "TQ2_0"
-        if enc.bits == 2 and enc.block_size % 32 == 0:  # TQ2_0 off, or rows its 256-blocks cannot tile
+        if enc.bits == 2 and enc.block_size % 32 == 0:  # rows TQ2_0's 256-value blocks cannot tile
             return pack_q4_0(as_q4_0_blocks(enc)), T.Q4_0, "Q4_0 (ternary fallback)"
         raise ValueError(f"GGUF has no block type for {enc.bits}-bit blocks of {enc.block_size}")
     arr = model.tensors[hf_name]
@@ -181,8 +171,7 @@ class GGUFExporter:
         info: dict[str, Any] = {"file": self.filename, "tensor_types": counts}
         fallback = sorted(n for n, t in types.items() if "fallback" in t)
         if fallback:
-            why = ("rows not a multiple of TQ2_0's 256-value blocks" if tq2_0_enabled() else
-                   "TQ2_0 is off (EDGEKIT_GGUF_TQ2_0=1 enables it): llama.cpp's CPU TQ2_0 kernel crashes on this machine")
+            why = "rows not a multiple of TQ2_0's 256-value blocks"
             info["ternary_fallback"] = {"container": "Q4_0 (holds the same ternary values exactly)", "why": why,
                                         "tensors": fallback}
         return info
