@@ -80,6 +80,10 @@ class ONNXExporter:
     name = "onnx"
     filename = "model.onnx"
     runtime = "onnxruntime"
+    # what a recipe may ask of this format: every layer's shapes are read from its tensors, and a
+    # factorized linear becomes two MatMul(NBits)
+    per_layer_widths = True
+    supports_lowrank = True
 
     def supports(self, model: Model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
