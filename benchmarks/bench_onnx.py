@@ -55,6 +55,9 @@ def llamacpp_works(gguf: Path) -> bool:
 
 
 _KEEP: list = []  # ctypes arrays llama.cpp reads while loading models
+# forcing CPU_REPACK on Q8_0 matrices crashes llama.cpp (it normally checks support tensor by tensor):
+# the override applies to Q4_0 files only, which decode_rounds says before each load
+REPACK_NEXT_LOAD = {"on": True}
 
 
 def _repack_buffer_type():
@@ -108,13 +111,13 @@ def avoid_llamacpp_amx() -> str:
     def params():
         p = original()
         p.use_extra_bufts = False
-        if repack:
+        if repack and REPACK_NEXT_LOAD["on"]:
             p.tensor_buft_overrides = ctypes.addressof(table)
         return p
 
     llama_cpp.llama_model_default_params = params
     ll.llama_cpp.llama_model_default_params = params
-    return "no AMX; layer matrices in CPU_REPACK" if repack else "no AMX, no repack (CPU_REPACK not found)"
+    return "no AMX; Q4_0 layer matrices in CPU_REPACK" if repack else "no AMX, no repack (CPU_REPACK not found)"
 
 
 def decode_rounds(dirs: dict[str, Path], rounds: int, tokens: int, threads: int) -> dict[str, dict]:
@@ -123,7 +126,10 @@ def decode_rounds(dirs: dict[str, Path], rounds: int, tokens: int, threads: int)
 
     from edgekit.harness.quality import default_text_path
 
-    sessions = {k: edgekit.load(d, n_threads=threads) for k, d in dirs.items()}
+    sessions = {}
+    for k, d in dirs.items():
+        REPACK_NEXT_LOAD["on"] = k.endswith(("q4_0", "int4"))
+        sessions[k] = edgekit.load(d, n_threads=threads)
     first = next(iter(sessions.values()))
     prompt = first.tokenize(PROMPT)
     long_prompt = first.tokenize(Path(default_text_path()).read_text())[:128]
@@ -184,7 +190,7 @@ def main() -> None:
 
     threads = args.threads or default_threads()
     which = [a for a in ARTIFACTS if not args.only or " ".join(a) in args.only]
-    console = Console()
+    console = Console(width=150)
     from edgekit.sources import default_model_path
 
     # before converting: GGUF export validates through llama.cpp in this process
