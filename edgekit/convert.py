@@ -246,7 +246,9 @@ def convert(model: str | None = None, format: str = "gguf", quant: str | None = 
             "artifact": {"format": format, "file": exporter.filename, "runtime": exporter.runtime, **export_info},
             "source": source.describe(),
             "model": {"name": reference.name, "architecture": reference.spec.arch,
-                      "parameters": reference.num_parameters(), "spec": reference.spec.to_dict()},
+                      "parameters": reference.num_parameters(), "spec": reference.spec.to_dict(),
+                      # after pruning / low-rank: what the artifact really holds
+                      "parameters_after_passes": work.num_parameters(), "spec_after_passes": work.spec.to_dict()},
             "recipe": {"name": recipe.name, "label": recipe.label(), "quant": quant, "passes": records,
                        "calibration": {k: v for k, v in calib_info.items() if k != "seqs"} or None},
             # everything a runtime needs (weights, external data, tokenizer), not only the main file
