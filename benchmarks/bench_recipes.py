@@ -78,7 +78,7 @@ def main() -> None:
                     help="user-supplied text for a second quality figure")
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts already converted under --out")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=170)
     rows = []
     results = HERE / "results"
     results.mkdir(exist_ok=True)
