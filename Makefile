@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/bench_targets.py --out out/bench
 	$(PY) benchmarks/bench_onnx.py --out out/bench-onnx
 	$(PY) benchmarks/bench_encoder.py --out out/bench-encoder
+	$(PY) benchmarks/bench_recipes.py --out out/bench-recipes
 
 clean:
 	rm -rf out build dist *.egg-info

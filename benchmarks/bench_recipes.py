@@ -22,8 +22,12 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 OTHER_PROSE = Path("/usr/share/common-licenses/GPL-3")
-DEFAULT_RECIPES = ["int4", "prune25", "prune25-recover", "prune20", "prune20-recover", "prune40", "prune40-recover", "prune25-recover-int4",
-                   "ternary", "ternary-recover", "lowrank75", "lowrank50", "lowrank50-plain", "lowrank75-int4"]
+# each recipe in the format that expresses it (GGUF: uniform widths; ONNX: per-layer widths, low-rank),
+# plus rows showing a format refusing what it cannot express; --formats runs every recipe in every format
+DEFAULT_RECIPES = ["int4@gguf", "prune20@gguf", "prune20-recover@gguf", "prune25@gguf", "prune25-recover@gguf",
+                   "prune40@gguf", "prune40-recover@gguf", "prune25-recover-int4@gguf", "prune25-recover-int4@onnx",
+                   "ternary@gguf", "ternary@onnx", "ternary-recover@onnx", "lowrank75@onnx", "lowrank50@onnx",
+                   "lowrank50-plain@onnx", "lowrank75-int4@onnx", "lowrank50@gguf"]
 
 
 def run_one(recipe_name: str, fmt: str, out: Path, user_text: Path | None, reuse: bool) -> dict:
