@@ -71,11 +71,11 @@ def test_unsupported_architecture_gguf(tmp_path):
 
 
 def test_unsupported_architecture_hf_dir(tmp_path):
-    d = tmp_path / "bert"
+    d = tmp_path / "t5"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    (d / "config.json").write_text(json.dumps({"model_type": "t5", "hidden_size": 8}))
     (d / "model.safetensors").write_bytes(b"")
-    assert_one_line_error(run_cli("convert", str(d), "-o", str(tmp_path / "out")), "'bert' is not supported", "llama")
+    assert_one_line_error(run_cli("convert", str(d), "-o", str(tmp_path / "out")), "'t5' is not supported", "llama")
 
 
 def test_existing_output_dir_needs_force(tmp_path, tiny_gguf):
