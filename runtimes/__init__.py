@@ -28,7 +28,26 @@ class Session(Protocol):
     def close(self) -> None: ...
 
 
-class TextSession:
+class SessionLifetime:
+    """Context-manager lifetime shared by every session: ``with edgekit.load(p) as s:`` closes it."""
+
+    def close(self) -> None:  # overridden by each backend
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class TextSession(SessionLifetime):
     """What every backend's session shares: text generation on top of ``stream_tokens``, and lifetime.
 
     A backend implements ``tokenize``, ``chat_prompt``, ``stream_tokens``, ``_token_bytes`` and ``close``.
@@ -52,15 +71,3 @@ class TextSession:
         tail = dec.decode(b"", final=True)
         if tail:
             yield tail
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -16,12 +16,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from edgekit.errors import EdgekitError, InputError, MissingDependencyError
-from edgekit.runtimes import TextSession
+from edgekit.runtimes import SessionLifetime, TextSession
 from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
 from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
 
@@ -58,6 +58,8 @@ class CoreMLSession(TextSession):
     detokenize = OnnxRuntimeSession.detokenize
     chat_prompt = OnnxRuntimeSession.chat_prompt
     _sample = OnnxRuntimeSession._sample
+    # the generation loop is the ONNX session's: prefill, then one token per _step
+    stream_tokens = OnnxRuntimeSession.stream_tokens
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_batch: int = 64, vocab_only: bool = False,
                  compute_units: str = "all", seed: int | None = None, n_threads: int | None = None):
@@ -93,13 +95,16 @@ class CoreMLSession(TextSession):
         if self._model is None:
             raise InputError("this session was opened with vocab_only=True (or closed)", "open it again without vocab_only")
 
+    _need_session = _need_model
+
     def reset(self) -> None:
         """Empty the KV cache (a fresh state: the old keys are masked out anyway, but start clean)."""
         if self._model is not None:
             self._state = self._model.make_state()
         self._n_past = 0
 
-    def _step(self, ids: Sequence[int]) -> np.ndarray:
+    def _step(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        # the Core ML program returns every position's logits (all_logits is the ONNX graph's option)
         n = len(ids)
         out = self._model.predict({"inputIds": np.asarray([ids], dtype=np.int32),
                                    "causalMask": _causal_mask(self._n_past, n)}, state=self._state)
@@ -123,26 +128,6 @@ class CoreMLSession(TextSession):
         self.reset()
         if prompt_ids:
             self._forward(prompt_ids, keep="last")
-
-    def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
-                      ignore_eos: bool = False) -> Iterator[int]:
-        self._need_model()
-        ids = list(prompt_ids)
-        if not ids:
-            raise InputError("the prompt is empty", "pass at least one token")
-        if len(ids) + max_tokens > self.n_ctx:
-            raise InputError(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
-                             "shorten the prompt or re-export with a larger context")
-        self.reset()
-        last = self._forward(ids, keep="last")
-        for n in range(max_tokens):
-            tok = self._sample(last, temperature)
-            if tok == self._eos and not ignore_eos:
-                return
-            yield tok
-            if n + 1 >= max_tokens:
-                return
-            last = self._step([tok])[-1]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of ``token_ids`` (shape [n, vocab], float32)."""
@@ -178,7 +163,7 @@ def _open_mlmodel(path: str, compute_units: str):
                          "re-export the model (it needs macOS 15 / iOS 18 or later)") from None
 
 
-class CoreMLEncoderSession:
+class CoreMLEncoderSession(SessionLifetime):
     """A Core ML sentence encoder: ``embed(texts)`` -> float32 [n, dim], as the ONNX encoder session.
 
     Tokenization, batching and input checks are the ONNX encoder session's (borrowed: one definition).
@@ -190,7 +175,6 @@ class CoreMLEncoderSession:
     _load_tokenizer = OnnxEncoderSession._load_tokenizer
     tokenize = OnnxEncoderSession.tokenize
     embed = OnnxEncoderSession.embed
-    __enter__, __exit__ = OnnxEncoderSession.__enter__, OnnxEncoderSession.__exit__
 
     def __init__(self, path: str | os.PathLike, batch_size: int = 32, compute_units: str = "all", **_: Any):
         self.path = str(path)

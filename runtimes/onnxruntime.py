@@ -39,6 +39,34 @@ def _ort():
     return onnxruntime
 
 
+def open_ort_session(path: str, n_threads: int, graph_optimization_level: str = "all", enable_profiling: bool = False,
+                     profile_prefix: str | None = None):
+    """An ``InferenceSession`` on the CPU with the settings every edgekit ONNX session exposes.
+
+    Threads are set explicitly: ORT's default thread settings behave like one thread on these VMs.
+    """
+    ort = _ort()
+    if graph_optimization_level not in _OPT_LEVELS:
+        raise InputError(f"unknown graph_optimization_level '{graph_optimization_level}'", f"use one of {', '.join(_OPT_LEVELS)}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(n_threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_optimization_level]
+    so.log_severity_level = 3
+    if enable_profiling:
+        so.enable_profiling = True
+        if profile_prefix:
+            so.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
+        raise InputError(f"ONNX Runtime could not load {path} ({_one_line(exc)})", "re-export the model") from None
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
@@ -95,25 +123,7 @@ class OnnxRuntimeSession(TextSession):
         if int(cfg.get("version", 1)) < 2:  # version 1 graphs took position_ids and concatenated the cache
             raise InputError(f"{self.path} was written by an older edgekit ONNX exporter", "re-export the model")
         ort = _ort()
-        if graph_optimization_level not in _OPT_LEVELS:
-            raise InputError(f"unknown graph_optimization_level '{graph_optimization_level}'", f"use one of {', '.join(_OPT_LEVELS)}")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.n_threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[graph_optimization_level]
-        so.log_severity_level = 3
-        if enable_profiling:
-            so.enable_profiling = True
-            if profile_prefix:
-                so.profile_file_prefix = profile_prefix
-        try:
-            self._sess = ort.InferenceSession(self.path, sess_options=so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
-            raise InputError(f"ONNX Runtime could not load {self.path} ({_one_line(exc)})", "re-export the model") from None
+        self._sess = open_ort_session(self.path, self.n_threads, graph_optimization_level, enable_profiling, profile_prefix)
         names = {i.name for i in self._sess.get_inputs()}
         missing = [n for n in cfg["inputs"] if n not in names]
         if missing:

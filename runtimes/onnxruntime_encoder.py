@@ -22,20 +22,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgekit.errors import InputError, MissingDependencyError
+from edgekit.runtimes import SessionLifetime
+from edgekit.runtimes.onnxruntime import _OPT_LEVELS, _one_line, default_threads, open_ort_session
 
 CONFIG_FILE = "onnx_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "edgekit-onnx-encoder"
-_OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def is_encoder_artifact(path: str | os.PathLike) -> bool:
@@ -46,7 +38,7 @@ def is_encoder_artifact(path: str | os.PathLike) -> bool:
         return False
 
 
-class OnnxEncoderSession:
+class OnnxEncoderSession(SessionLifetime):
     """A loaded sentence encoder: ``embed(texts)`` -> float32 [n, dim] (L2-normalized when exported so)."""
 
     runtime = "onnxruntime"
@@ -74,28 +66,7 @@ class OnnxEncoderSession:
         self.batch_size = max(1, int(batch_size))
         self.n_threads = int(n_threads or default_threads())
         self._load_tokenizer(p.parent / TOKENIZER_FILE)
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingDependencyError("the ONNX runtime backend needs onnxruntime", "pip install onnxruntime") from None
-        so = ort.SessionOptions()
-        # set explicitly: ORT's default thread settings behave like one thread on these VMs
-        so.intra_op_num_threads = self.n_threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[graph_optimization_level]
-        so.log_severity_level = 3
-        if enable_profiling:
-            so.enable_profiling = True
-            if profile_prefix:
-                so.profile_file_prefix = profile_prefix
-        try:
-            self._sess = ort.InferenceSession(self.path, sess_options=so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
-            raise InputError(f"ONNX Runtime could not load {self.path} ({_one_line(exc)})", "re-export the model") from None
+        self._sess = open_ort_session(self.path, self.n_threads, graph_optimization_level, enable_profiling, profile_prefix)
         names = [i.name for i in self._sess.get_inputs()]
         if names != list(self.config["inputs"]):
             raise InputError(f"{self.path} has inputs {names}, not {self.config['inputs']}", "re-export the model with edgekit")
@@ -155,14 +126,3 @@ class OnnxEncoderSession:
     def end_profiling(self) -> str | None:
         return self._sess.end_profiling() if self._sess is not None else None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

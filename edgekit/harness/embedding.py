@@ -18,8 +18,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib.resources import files
@@ -29,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgekit.cache import cache_dir
-from edgekit.errors import EdgekitError, InputError
+from edgekit.errors import InputError
 
 
 def default_sentences_path() -> Path:
@@ -167,17 +165,10 @@ def measure_in_process(artifact: str, sentences: list[str], cfg: EmbedSpeedConfi
 
 def measure(artifact: str, sentences: list[str], cfg: EmbedSpeedConfig, timeout: float = 1800) -> dict[str, Any]:
     """Run :func:`measure_in_process` in a child Python and return its figures."""
-    payload = json.dumps({"artifact": str(artifact), "sentences": sentences, "cfg": asdict(cfg)})
-    proc = subprocess.run([sys.executable, "-m", "edgekit.harness.embedding"], input=payload, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise InputError(f"speed measurement of {artifact} failed: {err}", "open it with edgekit.load to see the error")
-    result = json.loads(lines[-1])
-    if "error" in result:
-        raise InputError(result["error"])
-    return result
+    from edgekit.harness.speed import run_in_child
+
+    return run_in_child("edgekit.harness.embedding", artifact,
+                        {"artifact": str(artifact), "sentences": sentences, "cfg": asdict(cfg)}, timeout)
 
 
 # ---------------------------------------------------------------- edgekit profile, for encoders
@@ -282,12 +273,9 @@ def profile_table(r: dict[str, Any]):
 
 
 def main() -> None:
-    args = json.loads(sys.stdin.read())
-    try:
-        out = measure_in_process(args["artifact"], args["sentences"], EmbedSpeedConfig(**args["cfg"]))
-    except EdgekitError as exc:
-        out = {"error": exc.one_line()}
-    print(json.dumps(out))
+    from edgekit.harness.speed import child_main
+
+    child_main(lambda a: measure_in_process(a["artifact"], a["sentences"], EmbedSpeedConfig(**a["cfg"])))
 
 
 if __name__ == "__main__":

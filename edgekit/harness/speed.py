@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from edgekit.errors import EdgekitError, InputError
 
@@ -116,29 +116,43 @@ def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, 
     }
 
 
-def measure(artifact: str, text: str, cfg: SpeedConfig, timeout: float = 1800) -> dict[str, Any]:
-    """Run :func:`measure_in_process` in a child Python and return its figures."""
-    payload = json.dumps({"artifact": str(artifact), "text": text, "cfg": asdict(cfg)})
+def run_in_child(module: str, artifact: str, payload: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """Run ``python -m module`` with ``payload`` as JSON on stdin; its last JSON line is the result.
+
+    Speed and peak memory are measured in a fresh process so nothing the parent loaded (torch, the
+    reference model) counts against the artifact.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "edgekit.harness.speed"], input=payload, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", module], input=json.dumps(payload), capture_output=True,
                           text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise InputError(f"speed measurement of {artifact} failed: {err}", "run `edgekit run` on it to see the error")
+        raise InputError(f"speed measurement of {artifact} failed: {err}", "open it with edgekit.load to see the error")
     result = json.loads(lines[-1])
     if "error" in result:
         raise InputError(result["error"])
     return result
 
 
-def main() -> None:
+def child_main(run: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The child side of :func:`run_in_child`: read the payload, print the result (or the error) as JSON."""
     args = json.loads(sys.stdin.read())
     try:
-        out = measure_in_process(args["artifact"], args["text"], SpeedConfig(**args["cfg"]))
+        out = run(args)
     except EdgekitError as exc:
         out = {"error": exc.one_line()}
     print(json.dumps(out))
+
+
+def measure(artifact: str, text: str, cfg: SpeedConfig, timeout: float = 1800) -> dict[str, Any]:
+    """Run :func:`measure_in_process` in a child Python and return its figures."""
+    return run_in_child("edgekit.harness.speed", artifact, {"artifact": str(artifact), "text": text, "cfg": asdict(cfg)},
+                        timeout)
+
+
+def main() -> None:
+    child_main(lambda a: measure_in_process(a["artifact"], a["text"], SpeedConfig(**a["cfg"])))
 
 
 if __name__ == "__main__":
