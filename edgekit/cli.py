@@ -45,7 +45,7 @@ def convert(
     rank: Optional[float] = typer.Option(None, "--rank", help="Low-rank factorization keeping this fraction of the linear layers' parameters."),
     rank_method: Optional[str] = typer.Option(None, "--rank-method", help="whitened (activation-aware, default) or plain SVD."),
     recover: Optional[int] = typer.Option(None, "--recover", help="Distillation steps after pruning / ternary (a few minutes per 100 on 2 cores)."),
-    uniform: Optional[bool] = typer.Option(None, "--uniform/--per-layer", help="Prune every layer to the same width (default: per-layer where the format allows)."),
+    uniform: Optional[bool] = typer.Option(None, "--uniform/--per-layer", help="Prune every layer to the same width (default), or rank channels globally (ONNX / Core ML only)."),
 ) -> None:
     """Convert a model into a compressed artifact, validated against the float reference."""
     from edgekit import recipes

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from edgekit.errors import InputError
+from edgekit.errors import EdgekitError, InputError
 from edgekit.model import BlockQuant, Model
 from edgekit.passes import PassContext
 
@@ -85,7 +85,7 @@ def test_prune_per_layer_widths_meet_budget():
     m = tiny_model(intermediate_size=256, num_layers=4)
     # make layer 0's MLP nearly useless so a global ranking should take more from it
     m.tensors["model.layers.0.mlp.down_proj.weight"] *= 0.01
-    PrunePass(mlp=0.25, uniform=False).apply(m, ctx())
+    PrunePass(mlp=0.25, uniform=False).apply(m, ctx(options={"per_layer_widths": True}))
     widths = [m.layer_widths(i)["intermediate"] for i in range(4)]
     assert all(w % 32 == 0 and w >= 64 for w in widths)
     assert sum(256 - w for w in widths) == 256  # 25% of 4 x 256 channels
@@ -162,6 +162,8 @@ def test_distillation_lowers_the_loss():
 
     m = tiny_model(intermediate_size=256)
     reference = copy_model(m)
+    with pytest.raises(EdgekitError, match="one MLP width"):  # per-layer widths only where the format allows
+        PrunePass(mlp=0.5, uniform=False).apply(copy_model(m), ctx())
     rec = PrunePass(mlp=0.5, recover=24, lr=1e-3).apply(m, PassContext(calibration_tokens=lambda: calib_seqs(8, 128),
                                                                          reference=reference))
     curve = rec["recovery"]["loss_curve"]
@@ -191,7 +193,7 @@ def test_gguf_refuses_what_llama_cpp_cannot_express():
 
     m = tiny_model(intermediate_size=256, num_layers=4)
     m.tensors["model.layers.0.mlp.down_proj.weight"] *= 0.01
-    PrunePass(mlp=0.25, uniform=False).apply(m, ctx())
+    PrunePass(mlp=0.25, uniform=False).apply(m, ctx(options={"per_layer_widths": True}))
     assert "different widths" in GGUFExporter().supports(m)
     m = tiny_model(hidden_size=128, intermediate_size=512, num_heads=8, num_kv_heads=4, head_dim=16)
     LowRankPass(rank=0.5).apply(m, ctx())
