@@ -80,6 +80,3 @@ def distill(student: LlamaNet, teacher_lp: list[torch.Tensor], windows: list[lis
             "loss_first10_mean": float(np.mean(curve[:10])) if curve else None,
             "loss_last10_mean": float(np.mean(curve[-10:])) if curve else None}
 
-
-def trainable_net(model: Model) -> LlamaNet:
-    return LlamaNet(model, trainable=True)
