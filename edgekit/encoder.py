@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgekit.errors import InputError, MissingDependencyError, UnsupportedArchitectureError
-from edgekit.model import BlockQuant, Cast, Encoding
+from edgekit.model import EncodedTensors, Encoding
 
 ENCODER_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 ENCODER_MODEL_TYPES = ("bert",)
@@ -104,7 +104,7 @@ def resolve_encoder(model: str | os.PathLike) -> EncoderSource:
 
 
 @dataclass
-class EncoderModel:
+class EncoderModel(EncodedTensors):
     """A BERT sentence encoder: float weights plus, after compression, each tensor's encoding.
 
     ``tensors`` hold float32 arrays by Hugging Face ``BertModel`` name (``encoder.layer.0.attention.self.query.weight``,
@@ -134,25 +134,6 @@ class EncoderModel:
     def linear_names(self) -> list[str]:
         """The matrices of the transformer layers (what quantization encodes), in execution order."""
         return [f"encoder.layer.{i}.{p}.weight" for i in range(self.num_layers) for p in LAYER_LINEARS]
-
-    def encoding(self, name: str) -> Encoding:
-        return self.encodings.get(name, Cast("f32"))
-
-    def effective_weight(self, name: str) -> np.ndarray:
-        """The weight as a runtime computes with it (dequantized, or rounded to fp16)."""
-        enc = self.encoding(name)
-        if isinstance(enc, BlockQuant):
-            return enc.dequantize()
-        if enc.dtype == "f16":
-            return self.tensors[name].astype(np.float16).astype(np.float32)
-        return self.tensors[name]
-
-    def num_parameters(self) -> int:
-        return int(sum(t.size for t in self.tensors.values()))
-
-    def bits_per_weight(self) -> float:
-        total = sum(t.size * self.encoding(n).bits_per_weight for n, t in self.tensors.items())
-        return total / max(1, self.num_parameters())
 
     def copy(self) -> "EncoderModel":
         """A copy sharing the (read-only) float tensors, with its own encodings."""

@@ -147,20 +147,11 @@ class Cast:
 Encoding = BlockQuant | Cast
 
 
-@dataclass
-class Model:
-    """A Llama-family model: float weights plus, after compression passes, each tensor's encoding.
+class EncodedTensors:
+    """What every model with ``tensors`` (float32 by name) and ``encodings`` (how each is stored) shares."""
 
-    ``tensors`` always holds float32 arrays (the weights a pass produced, possibly transformed);
-    ``encodings`` says how each is stored (missing means float32). ``tokenizer`` holds the vocabulary
-    in llama.cpp's GGUF form (keys ``tokenizer.*``), which carries the chat template too.
-    """
-
-    spec: LlamaSpec
     tensors: dict[str, np.ndarray]
-    tokenizer: dict[str, Any]
-    name: str = "model"
-    encodings: dict[str, Encoding] = field(default_factory=dict)
+    encodings: dict[str, Encoding]
 
     def encoding(self, name: str) -> Encoding:
         return self.encodings.get(name, Cast("f32"))
@@ -178,8 +169,25 @@ class Model:
         return int(sum(t.size for t in self.tensors.values()))
 
     def bits_per_weight(self) -> float:
-        total = sum(self.tensors[n].size * self.encoding(n).bits_per_weight for n in self.tensors)
+        total = sum(t.size * self.encoding(n).bits_per_weight for n, t in self.tensors.items())
         return total / max(1, self.num_parameters())
+
+
+@dataclass
+class Model(EncodedTensors):
+    """A Llama-family model: float weights plus, after compression passes, each tensor's encoding.
+
+    ``tensors`` always holds float32 arrays (the weights a pass produced, possibly transformed);
+    ``encodings`` says how each is stored (missing means float32). ``tokenizer`` holds the vocabulary
+    in llama.cpp's GGUF form (keys ``tokenizer.*``), which carries the chat template too.
+    """
+
+    spec: LlamaSpec
+    tensors: dict[str, np.ndarray]
+    tokenizer: dict[str, Any]
+    name: str = "model"
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+
 
     def tensor_order(self) -> list[str]:
         """Every tensor present, in the spec's order; a factorized linear lists its two factors in its place."""

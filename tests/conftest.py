@@ -61,6 +61,27 @@ def tiny_model(seed: int = 0, **kw) -> Model:
     return Model(spec, tensors, dict(smollm_tokenizer()), name="tiny-llama")
 
 
+def pruned_lowrank_model(rank: int = 32) -> Model:
+    """Uneven layers, as passes leave them: layer 0 keeps 2 query heads, 1 KV head and an MLP width of 96;
+    layer 1 has q_proj and up_proj factorized at ``rank`` (32 keeps whole 32-wide blocks in the B factors)."""
+    m = tiny_model(seed=4)
+    t, hd = m.tensors, m.spec.head_dim
+    p = "model.layers.0."
+    t[p + "self_attn.q_proj.weight"] = t[p + "self_attn.q_proj.weight"][: 2 * hd]
+    t[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"][:, : 2 * hd]
+    for kv in "kv":
+        t[p + f"self_attn.{kv}_proj.weight"] = t[p + f"self_attn.{kv}_proj.weight"][:hd]
+    for g in ("gate", "up"):
+        t[p + f"mlp.{g}_proj.weight"] = t[p + f"mlp.{g}_proj.weight"][:96]
+    t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"][:, :96]
+    rng = np.random.default_rng(5)
+    for base in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        w = t.pop(base + ".weight")
+        t[base + ".lowrank_a.weight"] = (rng.standard_normal((rank, w.shape[1])) / np.sqrt(w.shape[1])).astype(np.float32)
+        t[base + ".lowrank_b.weight"] = (rng.standard_normal((w.shape[0], rank)) / np.sqrt(rank)).astype(np.float32)
+    return m
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "edgekit"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,

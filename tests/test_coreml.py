@@ -15,7 +15,7 @@ import pytest
 from edgekit.model import BlockQuant, Cast
 from edgekit.passes.rtn import quantize_q4_0, quantize_q8_0
 from edgekit.passes.ternary import ternarize
-from tests.conftest import run_cli, tiny_model
+from tests.conftest import pruned_lowrank_model, run_cli, tiny_model
 
 pytest.importorskip("coremltools")
 
@@ -200,27 +200,6 @@ def _llamanet_logits(model, ids):
         return LlamaNet(model).eval()(torch.tensor([ids]))[0].numpy()
 
 
-def _pruned_lowrank_model():
-    """Layer 0: 2 query heads, 1 KV head, MLP width 96; layer 1: q_proj and up_proj factorized (rank 32,
-    so the B factors' rows hold whole 32-wide blocks)."""
-    m = tiny_model(seed=4)
-    t, hd = m.tensors, m.spec.head_dim
-    p = "model.layers.0."
-    t[p + "self_attn.q_proj.weight"] = t[p + "self_attn.q_proj.weight"][: 2 * hd]
-    t[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"][:, : 2 * hd]
-    for kv in "kv":
-        t[p + f"self_attn.{kv}_proj.weight"] = t[p + f"self_attn.{kv}_proj.weight"][:hd]
-    for g in ("gate", "up"):
-        t[p + f"mlp.{g}_proj.weight"] = t[p + f"mlp.{g}_proj.weight"][:96]
-    t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"][:, :96]
-    rng = np.random.default_rng(5)
-    for base in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
-        w = t.pop(base + ".weight")
-        t[base + ".lowrank_a.weight"] = (rng.standard_normal((32, w.shape[1])) / np.sqrt(w.shape[1])).astype(np.float32)
-        t[base + ".lowrank_b.weight"] = (rng.standard_normal((w.shape[0], 32)) / np.sqrt(32)).astype(np.float32)
-    return m
-
-
 @pytest.mark.parametrize("which", ["uniform", "pruned_lowrank"])
 def test_stateful_module_matches_torch_llama_and_caches(which):
     """The module traced for Core ML computes what edgekit's torch Llama computes, in one call and step by step
@@ -229,7 +208,7 @@ def test_stateful_module_matches_torch_llama_and_caches(which):
 
     from edgekit.converters.coreml_torch import StatefulDecoder, causal_mask
 
-    m = tiny_model(seed=1) if which == "uniform" else _pruned_lowrank_model()
+    m = tiny_model(seed=1) if which == "uniform" else pruned_lowrank_model(rank=32)
     ids = list(range(500, 520))
     want = _llamanet_logits(m, ids)
     net = StatefulDecoder(m, 64).eval()
@@ -247,7 +226,7 @@ def test_stateful_module_matches_torch_llama_and_caches(which):
 
 
 def test_pruned_and_lowrank_convert_bit_exact(tmp_path):
-    m = encode(_pruned_lowrank_model(), lambda n: "int8" if "embed" in n else "int4")
+    m = encode(pruned_lowrank_model(rank=32), lambda n: "int8" if "embed" in n else "int4")
     info = export(m, tmp_path)
     ops = info["package_checks"]["op_counts"]
     assert info["package_checks"]["weights"]["bit_exact"]

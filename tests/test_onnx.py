@@ -27,7 +27,7 @@ from edgekit.passes import PassContext
 from edgekit.passes.int4 import Int4Pass
 from edgekit.passes.rtn import Q4_0Pass
 from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
-from tests.conftest import tiny_model
+from tests.conftest import pruned_lowrank_model, tiny_model
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is Rome. Numbers: 12345."
 
@@ -357,33 +357,13 @@ def test_ternary_2bit_matmulnbits(tmp_path, monkeypatch):
     assert "3-bit" in ONNXExporter().supports(m)
 
 
-def _pruned_lowrank_model():
-    """Layer 0: 2 query heads, 1 KV head, MLP width 96; layer 1: q_proj and up_proj factorized (rank 8)."""
-    m = tiny_model(seed=4)
-    t, hd = m.tensors, m.spec.head_dim
-    p = "model.layers.0."
-    t[p + "self_attn.q_proj.weight"] = t[p + "self_attn.q_proj.weight"][: 2 * hd]
-    t[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"][:, : 2 * hd]
-    for kv in "kv":
-        t[p + f"self_attn.{kv}_proj.weight"] = t[p + f"self_attn.{kv}_proj.weight"][:hd]
-    for g in ("gate", "up"):
-        t[p + f"mlp.{g}_proj.weight"] = t[p + f"mlp.{g}_proj.weight"][:96]
-    t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"][:, :96]
-    rng = np.random.default_rng(5)
-    for base in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
-        w = t.pop(base + ".weight")
-        t[base + ".lowrank_a.weight"] = (rng.standard_normal((8, w.shape[1])) / np.sqrt(w.shape[1])).astype(np.float32)
-        t[base + ".lowrank_b.weight"] = (rng.standard_normal((w.shape[0], 8)) / np.sqrt(8)).astype(np.float32)
-    return m
-
-
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
 def test_per_layer_shapes_and_lowrank_factors(tmp_path, monkeypatch, quant):
     from edgekit.converters.onnx_graph import matrices
     from edgekit.passes.rtn import quantize_q8_0
 
     monkeypatch.setattr(onnx_graph, "ACCURACY_LEVEL", 0)  # exact products: compare at 1e-4
-    m = _pruned_lowrank_model()
+    m = pruned_lowrank_model(rank=8)
     if quant == "q8_0":
         for name in matrices(m):
             if m.tensors[name].shape[1] % 32 == 0:  # a rank-8 lowrank_b stays float: mixed kinds in one chain
