@@ -168,8 +168,7 @@ def convert_encoder(model: str, format: str = "coreml", quant: str | None = None
     """
     from edgekit.atomic import atomic_output_dir, check_output_dir
     from edgekit.converters.coreml import tree_bytes
-    from edgekit.converters.onnx_encoder import calibration_sentences
-    from edgekit.encoder import load_encoder, resolve_encoder
+    from edgekit.converters.onnx_encoder import read_and_compress
     from edgekit.manifest import write_manifest
     from edgekit.runtimes.coreml import unavailable_reason
 
@@ -182,23 +181,8 @@ def convert_encoder(model: str, format: str = "coreml", quant: str | None = None
         raise EdgekitError(f"no Core ML encoder recipe named '{quant}'", f"known: {', '.join(QUANTS)}")
     if ignored.get("target"):
         raise EdgekitError("--target plans are for decoders only", "drop --target and choose --quant")
-    source = resolve_encoder(model)
-    t0 = time.perf_counter()
-    log(f"reading {source.path.name} (BERT encoder)")
-    reference = load_encoder(source)
-    work = reference.copy()
-    timings["reference_s"] = time.perf_counter() - t0
-    calib_info: dict[str, Any] = {}
-
-    def calib() -> list[str]:
-        texts, label = calibration_sentences(calib_text)
-        calib_info.update({"text": label, "sentences": len(texts)})
-        return texts
-
-    t0 = time.perf_counter()
-    log(f"recipe {quant}")
-    record = quantize(work, quant, calib, progress)
-    timings["pass_s"] = time.perf_counter() - t0
+    source, reference, work, record, calib_info = read_and_compress(model, quant, calib_text, quantize, timings,
+                                                                    progress, log)
     exporter = CoreMLEncoderExporter()
     with atomic_output_dir(out, force) as stage:
         t0 = time.perf_counter()

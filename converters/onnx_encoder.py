@@ -282,6 +282,32 @@ def validate(quant: str, quality: dict[str, Any], artifact: str, tolerance: dict
     return {"passed": True, "tolerance": {"cosine_distance_mean": tol["mean"], "cosine_distance_worst": tol["worst"]}}
 
 
+def read_and_compress(model: str, quant: str, calib_text: str | None, compress: Callable, timings: dict[str, float],
+                      progress: Callable, log: Callable) -> tuple[Any, EncoderModel, EncoderModel, dict[str, Any], dict[str, Any]]:
+    """(source, float reference, compressed copy, recipe record, calibration info): what every encoder
+    exporter does before writing its format. ``compress(model, quant, calib, progress)`` encodes in place."""
+    from edgekit.encoder import load_encoder, resolve_encoder
+
+    source = resolve_encoder(model)
+    t0 = time.perf_counter()
+    log(f"reading {source.path.name} (BERT encoder)")
+    reference = load_encoder(source)
+    work = reference.copy()
+    timings["reference_s"] = time.perf_counter() - t0
+    calib_info: dict[str, Any] = {}
+
+    def calib() -> list[str]:
+        texts, label = calibration_sentences(calib_text)
+        calib_info.update({"text": label, "sentences": len(texts)})
+        return texts
+
+    t0 = time.perf_counter()
+    log(f"recipe {quant}")
+    record = compress(work, quant, calib, progress)
+    timings["pass_s"] = time.perf_counter() - t0
+    return source, reference, work, record, calib_info
+
+
 def calibration_sentences(path: str | None, limit: int = 256) -> tuple[list[str], str]:
     """Sentence-sized pieces of the calibration text (default: the shipped one, disjoint from the eval set)."""
     import re
@@ -303,7 +329,6 @@ def convert_encoder(model: str, format: str = "onnx", quant: str | None = None, 
     ``tolerance`` overrides the recipe's cosine-distance tolerance ({"mean": ..., "worst": ...}).
     """
     from edgekit.atomic import atomic_output_dir, check_output_dir
-    from edgekit.encoder import load_encoder, resolve_encoder
     from edgekit.encoder_quant import canonical_quant, quantize_encoder
     from edgekit.harness.embedding import measure_quality, read_sentences
     from edgekit.manifest import write_manifest
@@ -318,25 +343,8 @@ def convert_encoder(model: str, format: str = "onnx", quant: str | None = None, 
     if ignored.get("target"):
         raise EdgekitError("--target plans are for decoders only", "drop --target and choose --quant")
     sentences, sent_label = read_sentences(eval_text)
-    source = resolve_encoder(model)
-
-    t0 = time.perf_counter()
-    log(f"reading {source.path.name} (BERT encoder)")
-    reference = load_encoder(source)
-    work = reference.copy()
-    timings["reference_s"] = time.perf_counter() - t0
-
-    calib_info: dict[str, Any] = {}
-
-    def calib() -> list[str]:
-        texts, label = calibration_sentences(calib_text)
-        calib_info.update({"text": label, "sentences": len(texts)})
-        return texts
-
-    t0 = time.perf_counter()
-    log(f"recipe {quant}")
-    record = quantize_encoder(work, quant, calib, progress)
-    timings["pass_s"] = time.perf_counter() - t0
+    source, reference, work, record, calib_info = read_and_compress(model, quant, calib_text, quantize_encoder,
+                                                                    timings, progress, log)
 
     exporter = ONNXEncoderExporter(accuracy_level)
     with atomic_output_dir(out, force) as stage:
