@@ -114,11 +114,7 @@ def validate_package(package: Path, model) -> dict[str, Any]:
     if bad:
         raise ValidationError(package.name, "inputs/outputs differing from the runtime's contract", len(bad), 0, "; ".join(bad))
     names = weight_names(model)
-    weights = cw.check_read_back(cw.read_back(prog, names), model, names)
-    if not weights["bit_exact"]:
-        raise ValidationError(package.name, "weights read back from the package: tensors differing from edgekit's numbers",
-                              len(weights["mismatches"]), 0, "; ".join(weights["mismatches"][:3]))
-    return {"interface": io, "weights": {k: v for k, v in weights.items() if k != "mismatches"},
+    return {"interface": io, "weights": cw.require_bit_exact(package.name, prog, model, names),
             "op_counts": program_structure(prog), "spec_version": spec.specificationVersion}
 
 

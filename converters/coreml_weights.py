@@ -291,3 +291,14 @@ def _blockquant_dense_fp16(bq: BlockQuant) -> np.ndarray:
     rows, cols = bq.shape
     s = bq.scales.astype(np.float16)[..., None]
     return (bq.q.reshape(rows, cols // bq.block_size, bq.block_size).astype(np.float16) * s).reshape(rows, cols)
+
+
+def require_bit_exact(package_name: str, prog, model, names: list[str]) -> dict:
+    """Read ``names`` back from the saved program; raise ValidationError unless all equal edgekit's numbers."""
+    from edgekit.errors import ValidationError
+
+    weights = check_read_back(read_back(prog, names), model, names)
+    if not weights["bit_exact"]:
+        raise ValidationError(package_name, "weights read back from the package: tensors differing from edgekit's numbers",
+                              len(weights["mismatches"]), 0, "; ".join(weights["mismatches"][:3]))
+    return {k: v for k, v in weights.items() if k != "mismatches"}

@@ -60,6 +60,7 @@ class CoreMLSession(TextSession):
     _sample = OnnxRuntimeSession._sample
     # the generation loop is the ONNX session's: prefill, then one token per _step
     stream_tokens = OnnxRuntimeSession.stream_tokens
+    prefill = OnnxRuntimeSession.prefill
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_batch: int = 64, vocab_only: bool = False,
                  compute_units: str = "all", seed: int | None = None, n_threads: int | None = None):
@@ -123,11 +124,6 @@ class CoreMLSession(TextSession):
         if keep != "all":
             return rows[-1][-1]
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
-
-    def prefill(self, prompt_ids: Sequence[int]) -> None:
-        self.reset()
-        if prompt_ids:
-            self._forward(prompt_ids, keep="last")
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of ``token_ids`` (shape [n, vocab], float32)."""
