@@ -1,6 +1,9 @@
-"""GGUF exporter: packs a compressed Llama :class:`~edgekit.model.Model` into a llama.cpp GGUF file.
+"""GGUF exporter: packs a compressed :class:`~edgekit.model.Model` of any registered architecture into a
+llama.cpp GGUF file.
 
-Metadata, tensor layout and file writing go through ``gguf.GGUFWriter``. The only hand-written part
+Which tensors the file holds (fused ones included), their names, the metadata and the q/k row
+permutation come from the architecture (:meth:`Architecture.gguf_tensors` / ``write_gguf_metadata``);
+file writing goes through ``gguf.GGUFWriter``. The only hand-written part
 is packing edgekit's own integers and scales into GGML block bytes (``pack_q4_0`` / ``pack_q8_0``):
 gguf's quantizers take floats and choose their own scales, which would discard the numbers a
 data-aware pass chose.
@@ -13,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.converters.gguf_layout import gguf_names, permute_qk, qk_heads
+from edgekit import architectures
+from edgekit.architectures.base import GGUFTensor
+from edgekit.converters.gguf_layout import permute_qk
 from edgekit.model import BlockQuant, Cast, Model
 
 
@@ -65,13 +70,29 @@ def _permute_rows(bq: BlockQuant, heads: int) -> BlockQuant:
     return BlockQuant(permute_qk(bq.q, heads), permute_qk(bq.scales, heads), bq.bits, bq.block_size)
 
 
-def encode_tensor(model: Model, hf_name: str) -> tuple[np.ndarray, Any, str]:
-    """(array to write, GGML type or None for plain float arrays, type name) for one tensor."""
+def _joined(model: Model, parts: tuple[str, ...]):
+    """(encoding, float array) of the rows of ``parts`` stacked: fused GGUF tensors hold several of edgekit's."""
+    encs = [model.encoding(p) for p in parts]
+    if len(parts) == 1:
+        return encs[0], model.tensors[parts[0]]
+    first = encs[0]
+    if isinstance(first, BlockQuant):
+        if not all(isinstance(e, BlockQuant) and (e.bits, e.block_size) == (first.bits, first.block_size) for e in encs):
+            raise ValueError(f"{', '.join(parts)} are stored differently and cannot share one GGUF tensor")
+        return (BlockQuant(np.concatenate([e.q for e in encs]), np.concatenate([e.scales for e in encs]),
+                           first.bits, first.block_size), None)
+    if any(e != first for e in encs):
+        raise ValueError(f"{', '.join(parts)} are stored differently and cannot share one GGUF tensor")
+    return first, np.concatenate([model.tensors[p] for p in parts])
+
+
+def encode_tensor(model: Model, gt: GGUFTensor) -> tuple[np.ndarray, Any, str]:
+    """(array to write, GGML type or None for plain float arrays, type name) for one GGUF tensor."""
     import gguf
 
     T = gguf.GGMLQuantizationType
-    enc = model.encoding(hf_name)
-    heads = qk_heads(hf_name, model.spec)
+    enc, arr = _joined(model, gt.parts)
+    heads = gt.permute_heads
     if isinstance(enc, BlockQuant):
         if heads is not None:
             enc = _permute_rows(enc, heads)
@@ -84,10 +105,9 @@ def encode_tensor(model: Model, hf_name: str) -> tuple[np.ndarray, Any, str]:
         if enc.bits == 2 and enc.block_size % 32 == 0:  # rows TQ2_0's 256-value blocks cannot tile
             return pack_q4_0(as_q4_0_blocks(enc)), T.Q4_0, "Q4_0 (ternary fallback)"
         raise ValueError(f"GGUF has no block type for {enc.bits}-bit blocks of {enc.block_size}")
-    arr = model.tensors[hf_name]
     if heads is not None:
         arr = permute_qk(arr, heads)
-    if isinstance(enc, Cast) and enc.dtype == "f16":
+    if isinstance(enc, Cast) and enc.dtype == "f16" and arr.ndim == 2:
         return np.ascontiguousarray(arr, dtype=np.float16), None, "F16"
     return np.ascontiguousarray(arr, dtype=np.float32), None, "F32"
 
@@ -103,7 +123,7 @@ def _file_type(type_names: list[str]) -> int:
 
 
 class GGUFExporter:
-    """Writes ``model.gguf`` (llama architecture, tokenizer and chat template carried over)."""
+    """Writes ``model.gguf`` (the architecture's llama.cpp layout, tokenizer and chat template carried over)."""
 
     name = "gguf"
     filename = "model.gguf"
@@ -115,8 +135,12 @@ class GGUFExporter:
 
     def supports(self, model: Model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        arch = architectures.of(model.spec)
+        refusal = arch.format_refusal(self.name, model.spec)
+        if refusal:
+            return f"{refusal}; --format onnx can hold it"
         if model.is_factorized():
-            return "llama.cpp's llama architecture has no factorized (low-rank) linear layers; --format onnx can hold them"
+            return f"llama.cpp's {arch.gguf_arch} architecture has no factorized (low-rank) linear layers; --format onnx can hold them"
         if not model.is_uniform():
             return "layers have different widths after pruning; prune with uniform widths or use --format onnx"
         for n in model.tensors:
@@ -132,32 +156,25 @@ class GGUFExporter:
         import gguf
 
         spec = model.spec
+        arch = architectures.of(spec)
         path = Path(out_dir) / self.filename
-        writer = gguf.GGUFWriter(str(path), "llama")
+        writer = gguf.GGUFWriter(str(path), arch.gguf_arch)
         writer.add_name(model.name)
-        writer.add_context_length(spec.max_position)
-        writer.add_embedding_length(spec.hidden_size)
-        writer.add_block_count(spec.num_layers)
-        writer.add_feed_forward_length(spec.intermediate_size)
-        writer.add_head_count(spec.num_heads)
-        writer.add_head_count_kv(spec.num_kv_heads)
-        writer.add_rope_freq_base(spec.rope_theta)
-        writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
-        writer.add_rope_dimension_count(spec.head_dim)
-        writer.add_vocab_size(spec.vocab_size)
-        if spec.head_dim * spec.num_heads != spec.hidden_size:
-            writer.add_key_length(spec.head_dim)
-            writer.add_value_length(spec.head_dim)
+        arch.write_gguf_metadata(writer, spec)
         for key, kv in model.tokenizer.items():
             vtype = gguf.GGUFValueType[kv["type"]]
             sub = gguf.GGUFValueType[kv["sub"]] if kv.get("sub") else None
             writer.add_key_value(key, kv["value"], vtype, sub_type=sub)
 
         types: dict[str, str] = {}
-        for hf_name, gguf_name in gguf_names(spec).items():
-            arr, raw_dtype, tname = encode_tensor(model, hf_name)
-            types[gguf_name] = tname
-            writer.add_tensor(gguf_name, arr, raw_dtype=raw_dtype)
+        for name, arr in arch.gguf_extra_tensors(spec).items():
+            types[name] = "F32"
+            writer.add_tensor(name, arr.astype(np.float32))
+        rows = {n: int(t.shape[0]) for n, t in model.tensors.items()}
+        for gt in arch.gguf_tensors(spec, rows):
+            arr, raw_dtype, tname = encode_tensor(model, gt)
+            types[gt.name] = tname
+            writer.add_tensor(gt.name, arr, raw_dtype=raw_dtype)
         writer.add_file_type(_file_type(list(types.values())))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -168,7 +185,10 @@ class GGUFExporter:
         counts: dict[str, int] = {}
         for t in types.values():
             counts[t] = counts.get(t, 0) + 1
-        info: dict[str, Any] = {"file": self.filename, "tensor_types": counts}
+        info: dict[str, Any] = {"file": self.filename, "gguf_architecture": arch.gguf_arch, "tensor_types": counts}
+        caveat = arch.gguf_caveat(spec)
+        if caveat:
+            info["caveat"] = caveat
         fallback = sorted(n for n, t in types.items() if "fallback" in t)
         if fallback:
             why = "rows not a multiple of TQ2_0's 256-value blocks"

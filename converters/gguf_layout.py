@@ -1,9 +1,9 @@
-"""How a Llama model is laid out in GGUF: tensor names, the q/k row permutation, and reading.
+"""Reading GGUF files into edgekit models, and the q/k row permutation of llama.cpp's ``llama``.
 
-Writing and reading a GGUF goes through the ``gguf`` package (GGUFWriter / GGUFReader, its
-tensor-name map and its dequantizers). Two things it leaves to its callers are here: the q/k row
-permutation llama.cpp's converter applies (llama.cpp rotates adjacent pairs, Hugging Face rotates
-halves), and mapping GGUF metadata back to a :class:`LlamaSpec`.
+Reading goes through the ``gguf`` package (GGUFReader and its dequantizers, which cover every
+llama.cpp type, K-quants and IQ types included). Which tensors a file holds, their metadata and
+whether q/k rows are permuted is the architecture's to say (``edgekit.architectures``: one table,
+used for writing and reading).
 """
 
 from __future__ import annotations
@@ -14,21 +14,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import InputError, UnsupportedArchitectureError
-from edgekit.model import SUPPORTED_ARCHITECTURES, LlamaSpec, Model
-
-
-def gguf_names(spec: LlamaSpec) -> dict[str, str]:
-    """Hugging Face tensor name -> GGUF tensor name, from gguf's own name map."""
-    import gguf
-
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, spec.num_layers)
-    out = {}
-    for hf in spec.tensor_names():
-        name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise KeyError(f"gguf has no name for {hf}")
-        out[hf] = name
-    return out
+from edgekit.architectures.spec import DecoderSpec
+from edgekit.model import Model
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -39,15 +26,6 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of :func:`permute_qk`."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def qk_heads(hf_name: str, spec: LlamaSpec) -> int | None:
-    """Number of heads to permute by for q/k projections, None for every other tensor."""
-    if hf_name.endswith("self_attn.q_proj.weight"):
-        return spec.num_heads
-    if hf_name.endswith("self_attn.k_proj.weight"):
-        return spec.num_kv_heads
-    return None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -80,32 +58,18 @@ def open_reader(path: Path):
     return reader
 
 
-def spec_from_reader(reader, path: Path) -> LlamaSpec:
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{path.name}: architecture '{arch}' is not supported", f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if _field(reader, f"{arch}.rope.scaling.type", "none") not in ("none", None):
-        raise UnsupportedArchitectureError(f"{path.name}: rope scaling is not supported yet", "use a model without rope scaling")
-    names = {t.name for t in reader.tensors}
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)
-    return LlamaSpec(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
-        num_layers=int(_field(reader, f"{arch}.block_count")),
-        num_heads=heads,
-        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position=int(_field(reader, f"{arch}.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-    )
+def gguf_architecture(reader, path: Path):
+    """The registered architecture that reads this file (one clear error for the others)."""
+    from edgekit import architectures
+
+    return architectures.for_gguf_arch(_field(reader, "general.architecture"), Path(path).name)
+
+
+def spec_from_reader(reader, path: Path) -> DecoderSpec:
+    from edgekit.architectures.base import GGUFMeta
+
+    arch = gguf_architecture(reader, path)
+    return arch.spec_from_gguf(GGUFMeta(reader, arch.gguf_arch, Path(path).name))
 
 
 def tokenizer_from_reader(reader) -> dict[str, Any]:
@@ -124,39 +88,40 @@ def tokenizer_from_reader(reader) -> dict[str, Any]:
 
 
 def read_gguf_model(path: Path, progress=None) -> Model:
-    """Dequantize a Llama GGUF into a float32 :class:`Model` in Hugging Face layout."""
-    import gguf
+    """Dequantize a GGUF of any registered architecture into a float32 :class:`Model` (neutral names)."""
     from gguf.quants import dequantize
+
+    from edgekit.architectures.layout import tensor_shape
 
     path = Path(path)
     reader = open_reader(path)
+    arch = gguf_architecture(reader, path)
     spec = spec_from_reader(reader, path)
-    to_hf = {v: k for k, v in gguf_names(spec).items()}
+    by_name = {t.name: t for t in reader.tensors}
+    layout = arch.gguf_tensors(spec)
     tensors: dict[str, np.ndarray] = {}
-    for k, t in enumerate(reader.tensors):
+    for k, gt in enumerate(layout):
         if progress:
-            progress("dequantizing the source", k + 1, len(reader.tensors))
-        if t.name not in to_hf:
-            if t.name == "rope_freqs.weight":
-                raise UnsupportedArchitectureError(f"{path.name}: rope frequency factors are not supported yet")
-            continue
-        hf = to_hf[t.name]
+            progress("dequantizing the source", k + 1, len(layout))
+        t = by_name.get(gt.name)
+        if t is None:
+            raise InputError(f"{path.name}: tensor {gt.name} is missing", "the GGUF is incomplete")
         try:
             arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         except NotImplementedError:
-            raise InputError(
-                f"{path.name}: tensor {t.name} uses {t.tensor_type.name}, which gguf cannot dequantize",
-                "convert from an F16/Q8_0/Q4_x file instead",
-            ) from None
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        arr = arr.reshape(shape)
-        heads = qk_heads(hf, spec)
-        if heads is not None:
-            arr = unpermute_qk(arr, heads)
-        tensors[hf] = np.ascontiguousarray(arr)
-    missing = [n for n in spec.tensor_names() if n not in tensors]
-    if missing:
-        raise InputError(f"{path.name}: missing tensors ({', '.join(missing[:3])}...)", "the GGUF is incomplete")
+            raise InputError(f"{path.name}: tensor {t.name} uses {t.tensor_type.name}, which gguf cannot dequantize",
+                             "convert from an F16/Q8_0/K-quant file instead") from None
+        arr = arr.reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
+        if gt.permute_heads is not None:
+            arr = unpermute_qk(arr, gt.permute_heads)
+        shapes = [tensor_shape(spec, part) for part in gt.parts]
+        if sum(sh[0] for sh in shapes) != arr.shape[0] or any(sh[1:] != arr.shape[1:] for sh in shapes):
+            raise InputError(f"{path.name}: tensor {gt.name} has shape {arr.shape}, the metadata implies "
+                             f"{[tuple(sh) for sh in shapes]}", "the GGUF is inconsistent")
+        start = 0
+        for part, sh in zip(gt.parts, shapes):
+            tensors[part] = np.ascontiguousarray(arr[start : start + sh[0]])
+            start += sh[0]
     name = _field(reader, "general.name") or path.stem
     return Model(spec=spec, tensors=tensors, tokenizer=tokenizer_from_reader(reader), name=str(name))
 

@@ -102,7 +102,7 @@ def run(
 def profile(
     artifact: Path = typer.Argument(..., help="Artifact directory (from `edgekit convert`) or a .gguf file."),
     eval_text: Optional[Path] = typer.Option(None, help="Your own evaluation text (default: shipped text)."),
-    reference: Optional[str] = typer.Option(None, help="Float reference for quality when the artifact has no manifest."),
+    reference: Optional[str] = typer.Option(None, help="Reference for quality: a source model (float reference; default: the manifest's source) or another artifact (.gguf file or artifact directory, e.g. the f16 GGUF) run by its own runtime."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     reps: int = typer.Option(5, help="Measured repetitions of each speed figure."),
     decode_tokens: int = typer.Option(64, help="Tokens generated per decode run."),
@@ -131,6 +131,13 @@ def profile(
     if result.get("kind") == "encoder":
         from edgekit.harness.embedding import profile_table
     _console().print(profile_table(result))
+    ref = (result.get("quality") or {}).get("reference")
+    if ref:  # what the quality figures were measured against (kind "artifact" when run by its own runtime)
+        how = f"{ref['kind']}" + (f", {ref['runtime']}" if ref.get("runtime") else "")
+        _console().print(f"reference: {ref['path']} ({how}, sha256 {ref['sha256'][:16]})"
+                         + (f"; {ref['why']}" if ref.get("why") else ""), markup=False, highlight=False)
+    if result.get("predictions_note"):
+        _console().print(f"predictions: {result['predictions_note']}", markup=False, highlight=False)
     extra = predictions_table(result)
     if extra is not None:
         _console().print(extra)

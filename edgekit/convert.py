@@ -40,7 +40,7 @@ def torch_quality(model: Model, tokenize, reference: Model, reference_id: str, t
                   eval_tokens: int, progress) -> dict[str, Any]:
     """Quality of ``model`` as the passes left it (dequantized weights), computed in torch."""
     from edgekit.evaluate import measure_quality
-    from edgekit.torch_llama import TorchSession
+    from edgekit.architectures.torch_decoder import TorchSession
 
     q = measure_quality(TorchSession(model, tokenize), reference, reference_id, text, label,
                         EvalConfig(max_tokens=eval_tokens), progress)

@@ -2,95 +2,19 @@
 
 Passes decide the numbers and record them here (integers, scales, block size); exporters only pack
 these numbers into their container (GGUF today; ONNX and Core ML pack the very same arrays).
-Tensor names follow the Hugging Face Llama layout (``model.layers.0.self_attn.q_proj.weight``),
+Tensor names are edgekit's neutral roles (:mod:`edgekit.architectures.layout`, e.g. ``layers.0.attn.q.weight``),
 with weights stored ``[out_features, in_features]`` and q/k rows in Hugging Face's rotate-half order.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-# names of the two factors that replace ``<linear>.weight`` after low-rank factorization
-LOWRANK_A, LOWRANK_B = ".lowrank_a.weight", ".lowrank_b.weight"
-
-
-@dataclass(frozen=True)
-class LlamaSpec:
-    """Hyper-parameters of a Llama-family decoder (what both torch and llama.cpp need)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    max_position: int = 2048
-    tie_word_embeddings: bool = True
-    arch: str = "llama"
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaSpec":
-        heads = int(cfg["num_attention_heads"])
-        return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            max_position=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
-
-    def to_hf_config(self) -> dict[str, Any]:
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "torch_dtype": "float32",
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def tensor_names(self) -> list[str]:
-        """Every tensor of the model, in Hugging Face names."""
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not self.tie_word_embeddings:
-            names.append("lm_head.weight")
-        for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-            names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        return names
-
-    def output_head_name(self) -> str:
-        """The tensor that projects to the vocabulary (the embedding when tied)."""
-        return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
+from edgekit.architectures.layout import LOWRANK_A, LOWRANK_B, linear, GATE, K, Q
+from edgekit.architectures.spec import DecoderSpec
 
 
 @dataclass
@@ -175,14 +99,14 @@ class EncodedTensors:
 
 @dataclass
 class Model(EncodedTensors):
-    """A Llama-family model: float weights plus, after compression passes, each tensor's encoding.
+    """A decoder of any registered architecture (``spec.arch``): float weights plus, after compression passes, each tensor's encoding.
 
     ``tensors`` always holds float32 arrays (the weights a pass produced, possibly transformed);
     ``encodings`` says how each is stored (missing means float32). ``tokenizer`` holds the vocabulary
     in llama.cpp's GGUF form (keys ``tokenizer.*``), which carries the chat template too.
     """
 
-    spec: LlamaSpec
+    spec: DecoderSpec
     tensors: dict[str, np.ndarray]
     tokenizer: dict[str, Any]
     name: str = "model"
@@ -206,7 +130,7 @@ class Model(EncodedTensors):
         return [n for n in self.tensor_order() if self.tensors[n].ndim == 2]
 
     def lowrank_factors(self, base: str) -> tuple[str, str] | None:
-        """``(A, B)`` names when the linear ``base`` (e.g. ``model.layers.0.mlp.up_proj``) is factorized.
+        """``(A, B)`` names when the linear ``base`` (e.g. ``layers.0.mlp.up``) is factorized.
 
         ``y = (x @ A^T) @ B^T`` with A ``[rank, in]`` applied first and B ``[out, rank]``; ``base.weight``
         is then absent. Exporters that cannot express two matrices in place of one refuse such models.
@@ -219,14 +143,14 @@ class Model(EncodedTensors):
 
     def layer_widths(self, i: int) -> dict[str, int]:
         """Layer ``i``'s real widths, read from its tensors (structured pruning may make layers differ)."""
-        p, hd = f"model.layers.{i}.", self.spec.head_dim
+        hd = self.spec.head_dim
 
         def rows(base: str) -> int:
             f = self.lowrank_factors(base)
             return int(self.tensors[f[1] if f else base + ".weight"].shape[0])
 
-        return {"heads": rows(p + "self_attn.q_proj") // hd, "kv_heads": rows(p + "self_attn.k_proj") // hd,
-                "intermediate": rows(p + "mlp.gate_proj")}
+        return {"heads": rows(linear(i, Q)) // hd, "kv_heads": rows(linear(i, K)) // hd,
+                "intermediate": rows(linear(i, GATE))}
 
     def is_uniform(self) -> bool:
         """True when every layer has the spec's widths (what formats with one width per model need)."""

@@ -1,13 +1,13 @@
-"""``edgekit profile``: speed and memory in a clean process, quality against the float reference."""
+"""``edgekit profile``: speed and memory in a clean process, quality against the float reference or another artifact."""
 
 from __future__ import annotations
 
-import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgekit.errors import InputError
+from edgekit.errors import EdgekitError, InputError
 from edgekit.harness.quality import EvalConfig, read_text
 from edgekit.harness.speed import SpeedConfig, measure
 from edgekit.session import resolve_artifact
@@ -21,21 +21,177 @@ def host_info() -> dict[str, Any]:
             "ram_bytes": psutil.virtual_memory().total, "processor": platform.processor() or None}
 
 
-def _reference_source(manifest: dict | None, reference: str | None):
+# --reference names either a source model (its float32 version is the reference, run in torch) or
+# another artifact (its own runtime is the reference, e.g. the user's f16 GGUF of a model edgekit
+# cannot convert). A directory with manifest.json is an artifact, a directory with config.json a
+# source; a .gguf file can be either: it is a float source when edgekit reads its architecture,
+# otherwise an artifact, and the report records which and why.
+REFERENCE_HINT = ("pass --reference a source model (Hugging Face directory, .gguf, 'smollm2-135m') "
+                  "or another artifact (a .gguf file or an `edgekit convert` directory), e.g. the f16 GGUF")
+SKIP_HINT = "pass --reference with the source model or another artifact of it (e.g. its f16 GGUF)"
+
+
+@dataclass
+class Reference:
+    """What quality is measured against."""
+
+    kind: str  # "artifact", or the Source kind ("default", "gguf", "hf") of a float reference
+    path: Path  # the model file (artifact) or the source path
+    sha256: str
+    source: Any = None  # the Source while a float reference is (still) intended
+    opens: Path | None = None  # what edgekit.load opens (artifact directory or file), when a runtime can
+    runtime: str | None = None
+    why: str | None = None  # why a .gguf became an artifact reference instead of a float one
+    ids: list[int] | None = None  # evaluation tokens, from the reference's own tokenizer (artifact references)
+    token_note: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "path": str(self.path), "sha256": self.sha256}
+        if self.kind == "artifact":
+            out["runtime"] = self.runtime
+        if self.why:
+            out["why"] = self.why
+        return out
+
+    def as_artifact(self, why: str | None) -> "Reference":
+        return Reference("artifact", self.path, self.sha256, opens=self.opens, runtime="llamacpp", why=why,
+                         ids=self.ids, token_note=self.token_note)
+
+
+def _content_sha256(file: Path) -> str:
+    """The artifact's identity: a GGUF is one file; other formats spread over their directory
+    (ONNX external data, tokenizer.json), hashed together without the manifest."""
+    from edgekit.cache import sha256_file, sha256_files
+    from edgekit.manifest import MANIFEST
+
+    if file.is_file() and file.suffix.lower() == ".gguf":
+        return sha256_file(file)
+    folder = file if file.is_dir() else file.parent
+    return sha256_files([q for q in folder.rglob("*") if q.is_file() and q.name != MANIFEST])
+
+
+def _artifact_reference(path: Path) -> Reference:
+    from edgekit.registry import RUNTIMES
+    from edgekit.runtimes.onnxruntime_encoder import is_encoder_artifact
+    from edgekit.session import _runtime_for_suffix
+
+    file, runtime, _ = resolve_artifact(path)
+    name = runtime or _runtime_for_suffix(file)
+    if name is None:
+        raise InputError(f"--reference {path}: no runtime opens {file.name}", REFERENCE_HINT)
+    if is_encoder_artifact(file):
+        raise InputError(f"--reference {path} is an encoder artifact", "a decoder's reference must be a decoder of the same model")
+    why = getattr(RUNTIMES.get(name), "unavailable_reason", lambda: None)()
+    if why:
+        raise InputError(f"--reference {path} cannot run here ({why})", "pass a reference this machine can run")
+    return Reference("artifact", file, _content_sha256(file), opens=path, runtime=name)
+
+
+def _explicit_reference(reference: str) -> Reference:
+    """Classify --reference before anything is measured, so a bad one fails in one line at once."""
+    from edgekit.manifest import MANIFEST
+    from edgekit.sources import DEFAULT_MODEL, resolve
+
+    if reference in ("", "default", DEFAULT_MODEL):
+        src = resolve(reference)
+        return Reference(src.kind, src.path, src.sha256, source=src, opens=src.gguf_file, runtime="llamacpp")
+    p = Path(reference).expanduser()
+    if not p.exists():
+        raise InputError(f"--reference {p} does not exist", REFERENCE_HINT)
+    if p.is_dir() and (p / MANIFEST).exists():
+        return _artifact_reference(p)
+    if p.is_dir() and (p / "config.json").exists():
+        src = resolve(str(p))
+        return Reference(src.kind, src.path, src.sha256, source=src)
+    if p.is_file() and p.suffix.lower() == ".gguf":  # float source if edgekit reads it, else an artifact
+        from edgekit.converters.gguf_layout import open_reader
+
+        open_reader(p)  # a corrupt file is one line now, not after minutes of measuring
+        src = resolve(str(p))
+        return Reference(src.kind, src.path, src.sha256, source=src, opens=p, runtime="llamacpp")
+    return _artifact_reference(p)
+
+
+def _manifest_reference(manifest: dict | None) -> tuple[Reference | None, str | None]:
     from edgekit.sources import resolve
 
-    if reference is not None:
-        return resolve(reference), None
     if not manifest:
-        return None, "no manifest and no --reference: quality needs a float reference"
+        return None, f"skipped: no manifest and no --reference; {SKIP_HINT}"
     src = manifest["source"]
     try:
         source = resolve(None if src["kind"] == "default" else src["path"])
     except InputError as exc:
-        return None, f"the source model is not available ({exc.message}); pass --reference"
+        return None, f"skipped: the source model is not available ({exc.message}); pass --reference"
     if source.sha256 != src["sha256"]:
-        return None, f"the source at {source.path} changed since export (hash differs); pass --reference"
-    return source, None
+        return None, f"skipped: the source at {source.path} changed since export (hash differs); pass --reference"
+    ref = Reference(source.kind, source.path, source.sha256, source=source)
+    if source.gguf_file is not None:
+        ref.opens, ref.runtime = source.path, "llamacpp"
+    return ref, None
+
+
+def _float_reference(ref: Reference, progress):
+    """(float model, None) or (None, why no float reference can be built)."""
+    import importlib.util
+
+    from edgekit.errors import UnsupportedArchitectureError
+    from edgekit.sources import load_reference
+
+    missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        return None, f"the float reference needs {' and '.join(missing)} (pip install 'edgekit-ml[convert]')"
+    try:
+        return load_reference(ref.source, progress), None
+    except UnsupportedArchitectureError as exc:
+        return None, f"no float reference: {exc.message}"
+    except InputError as exc:
+        if ref.opens is None:  # a broken Hugging Face directory stays an error
+            raise
+        # a GGUF edgekit cannot dequantize (e.g. i-quants) still runs in llama.cpp
+        return None, f"no float reference: {exc.message}"
+
+
+def _reference_tokens(file: Path, ref: Reference, text: str) -> None:
+    """Tokenize the evaluation text with the reference's tokenizer (both models then score the same
+    ids) and check the artifact's tokenizer: a different vocabulary is bad input, a different split
+    of the same text is noted."""
+    import edgekit
+    from edgekit.harness.quality import tokenizer_agreement
+
+    if ref.ids is not None:
+        return
+    with edgekit.load(ref.opens, vocab_only=True) as rs:
+        ref_ids, ref_vocab = rs.tokenize(text), getattr(rs, "n_vocab", None)
+    with edgekit.load(file, vocab_only=True) as s:
+        ids, vocab = s.tokenize(text), getattr(s, "n_vocab", None)
+    if ref_vocab and vocab and ref_vocab != vocab:
+        raise InputError(f"the reference {ref.path.name} has a vocabulary of {ref_vocab} tokens and the artifact {vocab}",
+                         "pass a reference of the same model (same tokenizer)")
+    ref.ids, ref.token_note = ref_ids, tokenizer_agreement(ref_ids, ids)
+
+
+def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig, progress) -> tuple[dict | None, str | None]:
+    """(quality, note) against ``ref``; quality is None with the reason when it cannot be measured."""
+    import edgekit
+
+    if ref.kind != "artifact":  # float reference first; a GGUF that has none is run as an artifact
+        model, why = _float_reference(ref, progress)
+        if model is not None:
+            from edgekit.evaluate import measure_quality
+
+            with edgekit.load(file) as session:
+                q = measure_quality(session, model, ref.sha256, text, label, cfg, progress)
+            return q | {"reference": ref.describe()}, None
+        if ref.opens is None:  # a Hugging Face directory: no runtime of ours runs it
+            return None, f"skipped: {why}; {SKIP_HINT}"
+        ref = ref.as_artifact(f"{why}, so it is run as an artifact")
+    _reference_tokens(file, ref, text)
+    from edgekit.harness.quality import quality_between
+
+    # its own cache key: the same .gguf as a float (torch) reference and as an artifact are different references
+    q = quality_between(lambda: edgekit.load(file), lambda: edgekit.load(ref.opens), f"artifact:{ref.runtime}:{ref.sha256}",
+                        ref.ids, label, cfg, progress)
+    return q | {"reference": ref.describe(), "tokenizers_agree": ref.token_note is None}, ref.token_note
 
 
 def profile(artifact: str | Path, eval_text: str | None = None, reference: str | None = None,
@@ -67,6 +223,11 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
         profiles = {t: get_profile(t, profile_dirs) for t in targets if t != "host"}
     fmt = (manifest or {}).get("artifact", {}).get("format") or file.suffix.lstrip(".").lower()
     text, label = read_text(eval_text, "eval")
+    ref, ref_why = None, None
+    if quality:  # a bad --reference fails before minutes of measuring, not after
+        ref, ref_why = _explicit_reference(reference) if reference is not None else _manifest_reference(manifest)
+        if reference is not None and ref.opens is not None:
+            _reference_tokens(file, ref, text)
     result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": file.stat().st_size}
     if fmt == "gguf":
         from edgekit.converters.gguf_layout import gguf_weight_stats
@@ -87,18 +248,12 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
 
     result["quality"] = None
     if quality:
-        source, why = _reference_source(manifest, reference)
-        if source is None:
-            result["quality_note"] = why
+        if ref is None:
+            result["quality_note"] = ref_why
         else:
-            import edgekit
-            from edgekit.evaluate import measure_quality
-            from edgekit.sources import load_reference
-
-            ref = load_reference(source, progress)
-            with edgekit.load(file) as session:
-                result["quality"] = measure_quality(session, ref, source.sha256, text, label,
-                                                    EvalConfig(max_tokens=eval_tokens), progress)
+            result["quality"], note = _quality(file, ref, text, label, EvalConfig(max_tokens=eval_tokens), progress)
+            if note:
+                result["quality_note"] = note
     result["host"] = host_info()
     save_profile_result(file, result)
     result.update(predictions(file, speed, text, targets, context, prompt_tokens, profiles if targets else {}, cloud_url))
@@ -137,8 +292,10 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
 
     try:
         facts = artifact_facts(file)
-    except InputError:
-        return {}
+    except EdgekitError as exc:
+        # a GGUF always gets a roofline figure, so say why it has none; other formats only when asked
+        asked = bool(targets or cloud_url) or file.suffix.lower() == ".gguf"
+        return {"predictions_note": f"skipped: {exc.one_line()}"} if asked else {}
     host = host_figures()
     out: dict[str, Any] = {"roofline_percent": pr.roofline_percent(facts, speed, host)}
     if not targets and not cloud_url:

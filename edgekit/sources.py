@@ -1,4 +1,4 @@
-"""Model sources: the embedded default model, a Hugging Face Llama directory, or a GGUF file.
+"""Model sources: the embedded default model, a Hugging Face directory, or a GGUF file, of any registered architecture.
 
 Each source is turned once into a float32 reference :class:`~edgekit.model.Model` (dequantized for
 GGUF sources) and cached under the user's cache directory, keyed by the source's hash. That float
@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 
 from edgekit.cache import cache_dir, sha256_file, sha256_files
+from edgekit.architectures.spec import DecoderSpec
 from edgekit.errors import InputError, MissingDependencyError, UnsupportedArchitectureError
-from edgekit.model import SUPPORTED_ARCHITECTURES, LlamaSpec, Model
+from edgekit.model import Model
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# bump when the cached reference's layout changes (2: neutral tensor names for every architecture)
+CACHE_LAYOUT = "2"
 
 
 @dataclass
@@ -67,11 +70,12 @@ def resolve(model: str | None) -> Source:
         return Source("gguf", path, sha256_file(path), [path])
     config = path / "config.json"
     if not config.exists():
-        raise InputError(f"{path} has no config.json", "pass a Hugging Face model directory (config.json + *.safetensors + tokenizer.json)")
+        raise InputError(f"{path} has no config.json", "pass a Hugging Face model directory (config.json + *.safetensors + tokenizer.json or tokenizer.model)")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise InputError(f"{path} has no .safetensors weights", "save the model with safe_serialization=True")
-    files = [config, *weights] + [p for p in (path / "tokenizer.json", path / "tokenizer_config.json") if p.exists()]
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json")
+    files = [config, *weights] + [path / f for f in tok_files if (path / f).exists()]
     return Source("hf", path, sha256_files(files), files)
 
 
@@ -82,12 +86,12 @@ def load_reference(source: Source, progress=None) -> Model:
     """The float32 reference model for ``source``, dequantized once and then read from the cache."""
     from safetensors.numpy import load_file, save_file
 
-    cdir = cache_dir("reference", source.sha256[:20])
+    cdir = cache_dir("reference", f"{source.sha256[:20]}-v{CACHE_LAYOUT}")
     meta_path, weights_path = cdir / "meta.json", cdir / "model.safetensors"
     if meta_path.exists() and weights_path.exists():
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(weights_path))
-        return Model(LlamaSpec(**meta["spec"]), tensors, meta["tokenizer"], meta["name"])
+        return Model(DecoderSpec(**meta["spec"]), tensors, meta["tokenizer"], meta["name"])
     model = _read_source(source, progress)
     tmp = weights_path.with_suffix(".tmp")
     save_file(model.tensors, str(tmp))
@@ -106,40 +110,47 @@ def _read_source(source: Source, progress=None) -> Model:
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
+    """config.json with every default filled in by transformers' own config class of the architecture."""
+    from edgekit import architectures
+
     try:
-        cfg = json.loads((path / "config.json").read_text())
+        raw = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{path / 'config.json'} is not valid JSON ({exc})", "fix or re-save the model") from None
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{path.name}: architecture '{model_type}' is not supported", f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if cfg.get("rope_scaling"):
-        raise UnsupportedArchitectureError(f"{path.name}: rope scaling is not supported yet", "use a model without rope_scaling")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise UnsupportedArchitectureError(f"{path.name}: Llama with biases is not supported yet")
+    if not isinstance(raw, dict):
+        raise InputError(f"{path / 'config.json'} is not a JSON object", "fix or re-save the model")
+    arch = architectures.for_hf_model_type(raw.get("model_type"), path.name)
+    if arch.kind != "decoder":
+        raise UnsupportedArchitectureError(f"{path.name}: '{raw.get('model_type')}' is an {arch.kind}, not a decoder")
+    import transformers
+
+    try:
+        cfg = getattr(transformers, arch.hf_config_class)(**{k: v for k, v in raw.items() if k != "model_type"}).to_dict()
+    except (TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"{path / 'config.json'}: {str(exc).splitlines()[0][:160]}", "fix or re-save the model") from None
+    cfg["model_type"] = raw.get("model_type")
     return cfg
 
 
 def read_hf_dir(path: Path) -> Model:
-    """Read a Hugging Face Llama directory (config.json + safetensors + tokenizer.json)."""
+    """Read a Hugging Face directory (config.json + safetensors + tokenizer.json / tokenizer.model)."""
     from safetensors import safe_open
 
+    from edgekit import architectures
     from edgekit.tokenizer_convert import hf_tokenizer_to_gguf
 
     cfg = read_hf_config(path)
-    spec = LlamaSpec.from_hf_config(cfg)
-    tensors: dict[str, np.ndarray] = {}
+    arch = architectures.for_hf_model_type(cfg["model_type"], path.name)
+    spec = arch.spec_from_hf(cfg)
+    hf: dict[str, np.ndarray] = {}
     for file in sorted(path.glob("*.safetensors")):
         # framework="pt" reads bf16 too, which numpy cannot represent
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                tensors[key] = f.get_tensor(key).float().numpy()
-    if spec.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    missing = [n for n in spec.tensor_names() if n not in tensors]
-    if missing:
-        raise InputError(f"{path.name}: missing tensors ({', '.join(missing[:3])}...)", "the checkpoint is incomplete")
-    tensors = {n: np.ascontiguousarray(tensors[n]) for n in spec.tensor_names()}
+                hf[key] = f.get_tensor(key).float().numpy()
+    try:
+        tensors = arch.sanitize(hf, spec)
+    except KeyError as exc:
+        raise InputError(f"{path.name}: missing tensor {exc.args[0]}", "the checkpoint is incomplete") from None
+    tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in tensors.items()}
     return Model(spec, tensors, hf_tokenizer_to_gguf(path, spec.vocab_size), name=path.name)

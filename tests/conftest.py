@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekit.model import LlamaSpec, Model
+from edgekit.architectures import layout as L
+from edgekit.architectures.spec import DecoderSpec
+from edgekit.model import Model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,12 +28,12 @@ def smollm_tokenizer() -> dict:
     return tokenizer_from_reader(open_reader(default_model_path()))
 
 
-def tiny_spec(**kw) -> LlamaSpec:
+def tiny_spec(**kw) -> DecoderSpec:
     base = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, max_position=512,
                 tie_word_embeddings=True)
     base.update(kw)
-    return LlamaSpec(**base)
+    return DecoderSpec(**base)
 
 
 def tiny_model(seed: int = 0, **kw) -> Model:
@@ -40,20 +42,10 @@ def tiny_model(seed: int = 0, **kw) -> Model:
     rng = np.random.default_rng(seed)
     tensors = {}
     for name in spec.tensor_names():
-        if name.endswith("norm.weight"):
-            tensors[name] = (1.0 + 0.1 * rng.standard_normal(spec.hidden_size)).astype(np.float32)
+        shp = L.tensor_shape(spec, name)
+        if len(shp) == 1:
+            tensors[name] = (1.0 + 0.1 * rng.standard_normal(shp)).astype(np.float32)
             continue
-        shape = {
-            "q_proj": (spec.num_heads * spec.head_dim, spec.hidden_size),
-            "k_proj": (spec.num_kv_heads * spec.head_dim, spec.hidden_size),
-            "v_proj": (spec.num_kv_heads * spec.head_dim, spec.hidden_size),
-            "o_proj": (spec.hidden_size, spec.num_heads * spec.head_dim),
-            "gate_proj": (spec.intermediate_size, spec.hidden_size),
-            "up_proj": (spec.intermediate_size, spec.hidden_size),
-            "down_proj": (spec.hidden_size, spec.intermediate_size),
-        }
-        key = next((k for k in shape if f".{k}." in name), None)
-        shp = shape[key] if key else (spec.vocab_size, spec.hidden_size)
         w = rng.standard_normal(shp).astype(np.float32) / np.sqrt(shp[1])
         # a few outliers, as real weights have, so block scales matter
         w[rng.random(shp) < 0.01] *= 6
@@ -66,19 +58,19 @@ def pruned_lowrank_model(rank: int = 32) -> Model:
     layer 1 has q_proj and up_proj factorized at ``rank`` (32 keeps whole 32-wide blocks in the B factors)."""
     m = tiny_model(seed=4)
     t, hd = m.tensors, m.spec.head_dim
-    p = "model.layers.0."
-    t[p + "self_attn.q_proj.weight"] = t[p + "self_attn.q_proj.weight"][: 2 * hd]
-    t[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"][:, : 2 * hd]
-    for kv in "kv":
-        t[p + f"self_attn.{kv}_proj.weight"] = t[p + f"self_attn.{kv}_proj.weight"][:hd]
-    for g in ("gate", "up"):
-        t[p + f"mlp.{g}_proj.weight"] = t[p + f"mlp.{g}_proj.weight"][:96]
-    t[p + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"][:, :96]
+    w = lambda role: L.linear(0, role) + ".weight"  # noqa: E731
+    t[w(L.Q)] = t[w(L.Q)][: 2 * hd]
+    t[w(L.O)] = t[w(L.O)][:, : 2 * hd]
+    for kv in (L.K, L.V):
+        t[w(kv)] = t[w(kv)][:hd]
+    for g in (L.GATE, L.UP):
+        t[w(g)] = t[w(g)][:96]
+    t[w(L.DOWN)] = t[w(L.DOWN)][:, :96]
     rng = np.random.default_rng(5)
-    for base in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+    for base in (L.linear(1, L.Q), L.linear(1, L.UP)):
         w = t.pop(base + ".weight")
-        t[base + ".lowrank_a.weight"] = (rng.standard_normal((rank, w.shape[1])) / np.sqrt(w.shape[1])).astype(np.float32)
-        t[base + ".lowrank_b.weight"] = (rng.standard_normal((w.shape[0], rank)) / np.sqrt(rank)).astype(np.float32)
+        t[base + L.LOWRANK_A] = (rng.standard_normal((rank, w.shape[1])) / np.sqrt(w.shape[1])).astype(np.float32)
+        t[base + L.LOWRANK_B] = (rng.standard_normal((w.shape[0], rank)) / np.sqrt(rank)).astype(np.float32)
     return m
 
 

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -140,3 +140,55 @@ def compare(ref: RefStats, logits_per_window: Iterable[np.ndarray], wins: list[l
         "top1_agreement": float(np.concatenate(agree).mean()),
         "ref_tail_mass": float(np.clip(1.0 - np.exp(ref.topk_logp.astype(np.float64)).sum(-1), 0, 1).mean()),
     }
+
+
+def tokenizer_agreement(ref_ids: list[int], ids: list[int]) -> str | None:
+    """None when two tokenizations of the same text agree, else one line saying where they part."""
+    if list(ref_ids) == list(ids):
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(ref_ids, ids)) if a != b), min(len(ref_ids), len(ids)))
+    return (f"the artifact's tokenizer splits the evaluation text differently from the reference's "
+            f"({len(ids)} vs {len(ref_ids)} tokens, first difference at token {first}); "
+            f"both were scored on the reference's tokens")
+
+
+def quality_between(open_model: Callable[[], Any], open_reference: Callable[[], Any], reference_id: str,
+                    ids: list[int], label: str, cfg: EvalConfig = EvalConfig(),
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Quality of one session against another (any runtimes) on the same token ids.
+
+    ``open_*`` return sessions with ``logits(ids)`` and ``close()``. The reference is opened only on
+    a statistics cache miss and closed before the model is opened, so the two never share memory
+    (an f16 reference next to its quantized artifact would double the footprint).
+    """
+    wins = windows(ids, cfg)
+    if not wins:
+        raise InputError(f"the evaluation text has {len(ids)} tokens, fewer than one 32-token window",
+                         "pass a longer --eval-text")
+    holder: dict[str, Any] = {}
+
+    def ref_logits(w: list[int]) -> np.ndarray:
+        if "ref" not in holder:
+            holder["ref"] = open_reference()
+        return holder["ref"].logits(w)
+
+    tick = (lambda d, t: progress("reference logits", d, t)) if progress else None
+    try:
+        ref = reference_stats(reference_id, wins, ref_logits, cfg.topk, tick)
+    finally:
+        if "ref" in holder:
+            holder["ref"].close()
+
+    session = open_model()
+    try:
+        def model_logits():
+            for i, w in enumerate(wins):
+                yield session.logits(w)
+                if progress:
+                    progress("artifact logits", i + 1, len(wins))
+
+        result = compare(ref, model_logits(), wins)
+    finally:
+        session.close()
+    result.update({"text": label, "window": cfg.ctx, "topk": cfg.topk})
+    return result

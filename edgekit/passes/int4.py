@@ -6,7 +6,7 @@ from round-to-nearest is how the numbers are chosen, driven by calibration text:
 
 1. Activation statistics: the model (as earlier passes left it) runs over calibration tokens and, for
    every linear layer, accumulates the input Gram matrix H = sum x x^T (the GPTQ Hessian of the layer's
-   squared error); see :func:`edgekit.torch_llama.collect_input_grams`.
+   squared error); see :func:`edgekit.architectures.torch_decoder.collect_input_grams`.
 2. Scale search: each block's scale is chosen among a grid of candidates to minimise the
    activation-weighted error sum_i H_ii (w_i - d q_i)^2, not the unweighted max rule.
 3. GPTQ error compensation: columns are quantized in order and each column's rounding error is
@@ -112,7 +112,8 @@ class Int4Pass(Pass):
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         from edgekit.passes.rtn import quantize_q4_0
-        from edgekit.torch_llama import collect_input_grams, input_key
+        from edgekit.architectures.layout import input_key
+        from edgekit.architectures.torch_decoder import collect_input_grams
 
         if ctx.calibration_tokens is None:
             raise ValueError("int4 needs calibration tokens")

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.architectures import layout as L
 from edgekit.model import LOWRANK_A, LOWRANK_B, Model
 from edgekit.passes import Pass, PassContext
 
 STEP = 32
-KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+KINDS = L.LINEARS
 
 
 def whitening(G: np.ndarray, damp: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +87,8 @@ class LowRankPass(Pass):
     param_types = {"rank": float, "method": str}
 
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
-        from edgekit.torch_llama import collect_input_grams, input_key
+        from edgekit.architectures.layout import input_key
+        from edgekit.architectures.torch_decoder import collect_input_grams
 
         fraction = float(self.params.get("rank", 0.5))
         method = str(self.params.get("method", "whitened"))
@@ -95,8 +96,8 @@ class LowRankPass(Pass):
             raise ValueError(f"lowrank method must be 'whitened' or 'plain', not {method!r}")
         if not 0 < fraction < 1:
             raise ValueError("rank must be a fraction of parameters in (0, 1)")
-        names = [f"model.layers.{i}.{k}.weight" for i in range(model.spec.num_layers) for k in KINDS
-                 if f"model.layers.{i}.{k}.weight" in model.tensors]
+        names = [L.linear(i, k) + ".weight" for i in range(model.spec.num_layers) for k in KINDS
+                 if L.linear(i, k) + ".weight" in model.tensors]
         whiten: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if method == "whitened":
             grams = collect_input_grams(model, ctx.calibration_tokens(), ctx.progress)
@@ -134,5 +135,5 @@ class LowRankPass(Pass):
                 "factorized": len(kept), "kept_dense": dense,
                 "parameters_of_layers_before": int(before), "parameters_of_layers_after": int(after),
                 "kept_fraction": after / before,
-                "ranks": {n[len("model.layers."):-len(".weight")]: ranks[n] for n in names},
+                "ranks": {n[len("layers."):-len(".weight")]: ranks[n] for n in names},
                 "energy_kept_mean": float(np.mean(list(kept.values()))) if kept else None}

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.architectures import layout as L
 from edgekit.model import Model
 from edgekit.passes import Pass, PassContext
 
@@ -35,9 +36,8 @@ MIN_KEEP = 0.25  # never cut a layer's MLP below a quarter of its width
 def mlp_scores(model: Model, grams: dict) -> list[np.ndarray]:
     out = []
     for i in range(model.spec.num_layers):
-        p = f"model.layers.{i}."
-        energy = np.diag(grams[p + "mlp_down"].numpy())
-        down = model.tensors[p + "mlp.down_proj.weight"]
+        energy = np.diag(grams[L.input_key(L.linear(i, L.DOWN))].numpy())
+        down = model.tensors[L.linear(i, L.DOWN) + ".weight"]
         out.append(energy * (down.astype(np.float64) ** 2).sum(0))
     return out
 
@@ -46,9 +46,8 @@ def head_scores(model: Model, grams: dict) -> list[np.ndarray]:
     hd = model.spec.head_dim
     out = []
     for i in range(model.spec.num_layers):
-        p = f"model.layers.{i}."
-        G = grams[p + "attn_out"].numpy()
-        Wo = model.tensors[p + "self_attn.o_proj.weight"].astype(np.float64)
+        G = grams[L.input_key(L.linear(i, L.O))].numpy()
+        Wo = model.tensors[L.linear(i, L.O) + ".weight"].astype(np.float64)
         heads = Wo.shape[1] // hd
         s = [np.trace(Wo[:, h * hd:(h + 1) * hd] @ G[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] @ Wo[:, h * hd:(h + 1) * hd].T)
              for h in range(heads)]
@@ -107,20 +106,33 @@ def choose_heads(scores: list[np.ndarray], kv_heads: int, fraction: float) -> li
 
 
 def remove(model: Model, mlp_cut: list[np.ndarray], head_cut: list[np.ndarray]) -> None:
-    """Physically drop the chosen rows/columns; update the spec when every layer has the same widths."""
+    """Physically drop the chosen rows/columns; update the spec when every layer has the same widths.
+
+    A removed MLP channel takes its gate/up rows (and biases) and its down column; a removed query head
+    takes its q rows (and bias) and its o columns. Key/value heads, and the per-head q/k norms (shared by
+    all heads), stay.
+    """
     hd = model.spec.head_dim
+    t = model.tensors
+
+    def rows(base: str, keep: np.ndarray) -> None:
+        for suffix in (".weight", ".bias"):
+            if base + suffix in t:
+                t[base + suffix] = np.ascontiguousarray(t[base + suffix][keep])
+
+    def cols(base: str, keep: np.ndarray) -> None:
+        t[base + ".weight"] = np.ascontiguousarray(t[base + ".weight"][:, keep])
+
     for i in range(model.spec.num_layers):
-        p = f"model.layers.{i}."
-        t = model.tensors
-        keep = np.setdiff1d(np.arange(t[p + "mlp.gate_proj.weight"].shape[0]), mlp_cut[i])
-        t[p + "mlp.gate_proj.weight"] = np.ascontiguousarray(t[p + "mlp.gate_proj.weight"][keep])
-        t[p + "mlp.up_proj.weight"] = np.ascontiguousarray(t[p + "mlp.up_proj.weight"][keep])
-        t[p + "mlp.down_proj.weight"] = np.ascontiguousarray(t[p + "mlp.down_proj.weight"][:, keep])
-        heads = t[p + "self_attn.q_proj.weight"].shape[0] // hd
+        keep = np.setdiff1d(np.arange(t[L.linear(i, L.GATE) + ".weight"].shape[0]), mlp_cut[i])
+        rows(L.linear(i, L.GATE), keep)
+        rows(L.linear(i, L.UP), keep)
+        cols(L.linear(i, L.DOWN), keep)
+        heads = t[L.linear(i, L.Q) + ".weight"].shape[0] // hd
         keep_h = np.setdiff1d(np.arange(heads), head_cut[i])
-        cols = np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in keep_h])
-        t[p + "self_attn.q_proj.weight"] = np.ascontiguousarray(t[p + "self_attn.q_proj.weight"][cols])
-        t[p + "self_attn.o_proj.weight"] = np.ascontiguousarray(t[p + "self_attn.o_proj.weight"][:, cols])
+        keep_c = np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in keep_h])
+        rows(L.linear(i, L.Q), keep_c)
+        cols(L.linear(i, L.O), keep_c)
     widths = [model.layer_widths(i) for i in range(model.spec.num_layers)]
     model.spec = dataclasses.replace(model.spec, intermediate_size=max(w["intermediate"] for w in widths),
                                      num_heads=max(w["heads"] for w in widths))
@@ -137,7 +149,7 @@ class PrunePass(Pass):
         import torch
 
         from edgekit.passes.recovery import distill, recovery_windows, teacher_logprobs
-        from edgekit.torch_llama import LlamaNet, collect_input_grams
+        from edgekit.architectures.torch_decoder import DecoderNet, collect_input_grams
 
         mlp = float(self.params.get("mlp", 0.0))
         heads = float(self.params.get("heads", 0.0))
@@ -165,7 +177,7 @@ class PrunePass(Pass):
             teacher = ctx.reference if ctx.reference is not None else model
             wins = recovery_windows(seqs)
             t_lp = teacher_logprobs(teacher, wins, ctx.progress)
-            net = LlamaNet(model, trainable=True)
+            net = DecoderNet(model, trainable=True)
             fade = max(1, steps // 2)
             mlp_masks, head_masks = [], []
             for blk, mc, hc in zip(net.blocks, mlp_cut, head_cut):

@@ -1,6 +1,6 @@
 """Short recovery by knowledge distillation from the uncompressed model, with the compression in the loop.
 
-The student is a :class:`~edgekit.torch_llama.LlamaNet` of the compressed model; the teacher's
+The student is a :class:`~edgekit.architectures.torch_decoder.DecoderNet` of the compressed model; the teacher's
 log-probabilities over the calibration text are computed once (full vocabulary, float16). Each step
 minimises KL(teacher || student) on one calibration window. ``before_step`` lets a pass put its
 compression into the forward pass (fading pruned channels out, projecting weights to ternary with a
@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from edgekit.model import Model
-from edgekit.torch_llama import LlamaNet, set_threads
+from edgekit.architectures.torch_decoder import DecoderNet, set_threads
 
 WINDOW = 256
 
 
 def teacher_logprobs(teacher: Model, sequences: list[list[int]], progress=None) -> list[torch.Tensor]:
     set_threads()
-    net = LlamaNet(teacher).eval()
+    net = DecoderNet(teacher).eval()
     out = []
     with torch.inference_mode():
         for k, seq in enumerate(sequences):
@@ -44,7 +44,7 @@ def recovery_windows(sequences: list[list[int]], window: int = WINDOW) -> list[l
     return [flat[i : i + window] for i in range(0, len(flat) - window + 1, window)]
 
 
-def distill(student: LlamaNet, teacher_lp: list[torch.Tensor], windows: list[list[int]], steps: int,
+def distill(student: DecoderNet, teacher_lp: list[torch.Tensor], windows: list[list[int]], steps: int,
             lr: float = 1e-4, before_step: Callable[[int], None] | None = None,
             progress: Callable[[str, int, int], None] | None = None, seed: int = 0) -> dict[str, Any]:
     """Train ``student`` in place for ``steps`` windows; returns the loss curve and settings."""

@@ -68,13 +68,13 @@ class TernaryPass(Pass):
                                   "scale": "absmean per block (fp16)"}
         if steps > 0:
             from edgekit.passes.recovery import distill, recovery_windows, teacher_logprobs
-            from edgekit.torch_llama import LlamaNet
+            from edgekit.architectures.torch_decoder import DecoderNet
 
             if ctx.calibration_tokens is None:
                 raise ValueError("ternary recovery needs calibration tokens")
             wins = recovery_windows(ctx.calibration_tokens())
             t_lp = teacher_logprobs(ctx.reference if ctx.reference is not None else model, wins, ctx.progress)
-            net = LlamaNet(model, trainable=True)
+            net = DecoderNet(model, trainable=True)
             for lin in net.linears():
                 lin.weight_fn = ste
             record["recovery"] = distill(net, t_lp, wins, steps, float(self.params.get("lr", 3e-4)), None, ctx.progress)

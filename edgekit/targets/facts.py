@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 KV_BYTES_PER_VALUE = 2  # llama.cpp keeps the KV cache in f16 by default
 
 
@@ -35,30 +37,91 @@ class ArtifactFacts:
         return asdict(self) | {"bytes_per_token": self.bytes_per_token}
 
 
-def gguf_facts(path: Path) -> ArtifactFacts:
-    from edgekit.converters.gguf_layout import open_reader, spec_from_reader
+# Tensors read one row per token (a gather), not streamed whole per decoded token: the untied input
+# embedding (handled below), learned position embeddings (gpt2, starcoder, ...) and BERT-style token types.
+_GATHERED = ("position_embd.weight", "token_types.weight")
 
+
+def _meta(reader, key: str, default: Any = None) -> Any:
+    f = reader.get_field(key)
+    return default if f is None else f.contents()
+
+
+def _per_layer(value: Any, n_layers: int, key: str, path: Path) -> list[int]:
+    """llama.cpp allows some counts (heads, KV heads) as one number or as one number per layer."""
+    from edgekit.errors import InputError
+
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_layers:
+            raise InputError(f"cannot predict for {path.name}: {key} lists {len(value)} layers, block_count says {n_layers}",
+                             "the GGUF metadata is inconsistent")
+        return [int(v) for v in value]
+    return [int(value)] * n_layers
+
+
+def gguf_facts(path: Path) -> ArtifactFacts:
+    """Facts of a GGUF of any architecture llama.cpp runs, read straight from its metadata and tensor table.
+
+    Deliberately not through ``spec_from_reader``: that builds a convertible model spec and refuses
+    architectures edgekit cannot convert, while prediction needs only the generic ``{arch}.*`` keys
+    every llama.cpp architecture writes. Defaults follow llama.cpp's own (KV heads = heads, key and
+    value length = embedding length / heads). A missing required key is one :class:`InputError`.
+    """
+    from edgekit.converters.gguf_layout import open_reader
+    from edgekit.errors import InputError
+
+    path = Path(path)
     reader = open_reader(path)
-    spec = spec_from_reader(reader, Path(path))
+    arch = _meta(reader, "general.architecture")
+    needs = "predictions need {arch}.block_count, .embedding_length and .attention.head_count"
+
+    def need(key: str) -> Any:
+        value = _meta(reader, f"{arch}.{key}")
+        if value is None:
+            raise InputError(f"cannot predict for {path.name}: its metadata has no {arch}.{key}", needs.format(arch=arch))
+        return value
+
+    if not arch:
+        raise InputError(f"cannot predict for {path.name}: its metadata has no general.architecture",
+                         needs.format(arch="{arch}"))
+    n_layers = int(need("block_count"))
+    hidden = int(need("embedding_length"))
+    heads = _per_layer(need("attention.head_count"), n_layers, f"{arch}.attention.head_count", path)
+    kv_heads = _per_layer(_meta(reader, f"{arch}.attention.head_count_kv", heads), n_layers,
+                          f"{arch}.attention.head_count_kv", path)
+    default_head = hidden // heads[0] if heads and heads[0] else 0  # attention-free layers (recurrent) have 0 heads
+    k_len = int(_meta(reader, f"{arch}.attention.key_length", default_head))
+    v_len = int(_meta(reader, f"{arch}.attention.value_length", default_head))
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names
+    # mixture of experts: a decoded token reads only the routed experts of each *_exps tensor
+    n_expert = int(_meta(reader, f"{arch}.expert_count", 0) or 0)
+    n_used = int(_meta(reader, f"{arch}.expert_used_count", 0) or 0)
+    expert_frac = n_used / n_expert if n_expert and n_used else 1.0
+
     bytes_by_type: dict[str, int] = {}
     params_by_type: dict[str, int] = {}
     for t in reader.tensors:
         typ = t.tensor_type.name
-        # an untied input embedding is gathered (one row per token), not streamed
-        if t.name == "token_embd.weight" and not spec.tie_word_embeddings:
+        if t.name in _GATHERED or (t.name == "token_embd.weight" and not tied):
             continue
-        bytes_by_type[typ] = bytes_by_type.get(typ, 0) + int(t.n_bytes)
-        if len(t.shape) == 2:
-            params_by_type[typ] = params_by_type.get(typ, 0) + int(t.n_elements)
-    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * KV_BYTES_PER_VALUE
-    # QK^T and attention-weighted V: 2 matmuls x 2 FLOPs x heads x head_dim per context token, per layer
-    attn = 4 * spec.num_layers * spec.num_heads * spec.head_dim
+        frac = expert_frac if "_exps." in t.name else 1.0
+        bytes_by_type[typ] = bytes_by_type.get(typ, 0) + int(int(t.n_bytes) * frac)
+        if len(t.shape) >= 2:  # matrices (and stacked expert matrices): 2 FLOPs per parameter per token
+            params_by_type[typ] = params_by_type.get(typ, 0) + int(int(t.n_elements) * frac)
+    kv = sum(kv_heads) * (k_len + v_len) * KV_BYTES_PER_VALUE
+    # QK^T (key length) and attention-weighted V (value length): 2 FLOPs each, per head, per context token
+    attn = 2 * sum(heads) * (k_len + v_len)
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = _meta(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None) or \
+        (int(embd.shape[-1]) if embd is not None and len(embd.shape) == 2 else 0)
     return ArtifactFacts(
-        format="gguf", runtime="llamacpp", size_bytes=Path(path).stat().st_size,
+        format="gguf", runtime="llamacpp", size_bytes=path.stat().st_size,
         parameters=sum(int(t.n_elements) for t in reader.tensors), bytes_by_type=bytes_by_type,
         params_by_type=params_by_type, kv_bytes_per_token=kv, attn_flops_per_token_per_ctx=attn,
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-        extra={"num_layers": spec.num_layers, "tied_embeddings": spec.tie_word_embeddings},
+        vocab_size=int(vocab), hidden_size=hidden,
+        extra={"num_layers": n_layers, "tied_embeddings": tied, "architecture": str(arch)},
     )
 
 
@@ -80,50 +143,29 @@ RECIPE_TYPES = {"f16": ("F16", "F16"), "q8_0": ("Q8_0", "Q8_0"), "q4_0": ("Q4_0"
 
 def estimate_gguf_facts(spec, quant: str, metadata_bytes: int = 0) -> ArtifactFacts:
     """Facts of a GGUF that ``quant`` would produce from a model of ``spec``, before converting it."""
+    from edgekit.architectures.layout import EMBED, tensor_shape
+
     main, head = RECIPE_TYPES[quant]
-    head_name = spec.output_head_name()
     bytes_by_type: dict[str, int] = {}
     params_by_type: dict[str, int] = {}
-    shapes = _shapes(spec)
+    total = 0
     for name in spec.tensor_names():
-        n = shapes[name]
-        if name.endswith("norm.weight"):
-            typ = "F32"
-        else:
-            typ = head if name == head_name else main
+        shape = tensor_shape(spec, name)
+        n = int(np.prod(shape))
+        typ = "F32" if len(shape) == 1 else (head if name == spec.output_head_name() else main)
+        if len(shape) == 2:
             params_by_type[typ] = params_by_type.get(typ, 0) + n
         per, nb = _BLOCK_BYTES[typ]
-        if name == "model.embed_tokens.weight" and not spec.tie_word_embeddings:
-            continue
+        total += n // per * nb
+        if name == EMBED and not spec.tie_word_embeddings:
+            continue  # an untied input embedding is gathered (one row per token), not streamed
         bytes_by_type[typ] = bytes_by_type.get(typ, 0) + n // per * nb
-    total = sum(shapes[n] // _BLOCK_BYTES[_type(n, spec, main, head)][0] * _BLOCK_BYTES[_type(n, spec, main, head)][1]
-                for n in spec.tensor_names())
     return ArtifactFacts(
-        format="gguf", runtime="llamacpp", size_bytes=total + metadata_bytes, parameters=sum(shapes.values()),
+        format="gguf", runtime="llamacpp", size_bytes=total + metadata_bytes,
+        parameters=sum(int(np.prod(tensor_shape(spec, n))) for n in spec.tensor_names()),
         bytes_by_type=bytes_by_type, params_by_type=params_by_type,
         kv_bytes_per_token=2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * KV_BYTES_PER_VALUE,
         attn_flops_per_token_per_ctx=4 * spec.num_layers * spec.num_heads * spec.head_dim,
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
         extra={"num_layers": spec.num_layers, "tied_embeddings": spec.tie_word_embeddings, "estimated": True},
     )
-
-
-def _type(name: str, spec, main: str, head: str) -> str:
-    if name.endswith("norm.weight"):
-        return "F32"
-    return head if name == spec.output_head_name() else main
-
-
-def _shapes(spec) -> dict[str, int]:
-    h, q, kv, ff = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
-    sizes = {"q_proj": q * h, "k_proj": kv * h, "v_proj": kv * h, "o_proj": h * q,
-             "gate_proj": ff * h, "up_proj": ff * h, "down_proj": h * ff}
-    out = {}
-    for name in spec.tensor_names():
-        if name.endswith("norm.weight"):
-            out[name] = h
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            out[name] = spec.vocab_size * h
-        else:
-            out[name] = next(v for k, v in sizes.items() if f".{k}." in name)
-    return out

@@ -1,0 +1,44 @@
+"""Qwen2 / Qwen2.5: Llama's layout with biases on the q, k and v projections (not o), rope theta 1e6.
+
+GGUF ``qwen2`` rotates halves like Hugging Face (rope type NEOX): no q/k permutation, biases as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit.architectures.base import Architecture
+from edgekit.architectures.spec import DecoderSpec
+from edgekit.errors import UnsupportedArchitectureError
+
+
+class Qwen2(Architecture):
+    name = "qwen2"
+    hf_model_types = ("qwen2",)
+    hf_class = "Qwen2ForCausalLM"
+    hf_config_class = "Qwen2Config"
+    gguf_arch = "qwen2"
+    description = "Qwen2 / Qwen2.5 (q/k/v biases)"
+
+    def check_hf_config(self, cfg: dict[str, Any]) -> None:
+        super().check_hf_config(cfg)
+        if cfg.get("use_sliding_window"):
+            raise UnsupportedArchitectureError(f"{self.name}: use_sliding_window=true is not supported",
+                                               "released Qwen2 models have it off")
+
+    def hf_switches(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {"attn_bias": True}
+
+    def hf_config_extra(self, spec: DecoderSpec) -> dict[str, Any]:
+        return {"use_sliding_window": False}
+
+    def gguf_refusal(self, spec: DecoderSpec) -> str | None:
+        if spec.num_heads * spec.head_dim != spec.hidden_size:
+            return f"llama.cpp's {self.gguf_arch} assumes heads x head_dim == hidden size"
+        return super().gguf_refusal(spec)
+
+    def gguf_switches(self, meta, base: dict[str, Any]) -> dict[str, Any]:
+        return super().gguf_switches(meta, base) | {"attn_bias": True}
+
+
+ARCHITECTURE = Qwen2()

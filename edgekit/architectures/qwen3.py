@@ -1,0 +1,42 @@
+"""Qwen3: per-head RMSNorm on q and k before rotary (qk-norm), an explicit head_dim, no biases by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit.architectures.base import Architecture, gguf_name
+from edgekit.architectures.spec import DecoderSpec
+from edgekit.errors import UnsupportedArchitectureError
+
+
+class Qwen3(Architecture):
+    name = "qwen3"
+    hf_model_types = ("qwen3",)
+    hf_class = "Qwen3ForCausalLM"
+    hf_config_class = "Qwen3Config"
+    gguf_arch = "qwen3"
+    description = "Qwen3 (qk-norm, explicit head_dim)"
+
+    def check_hf_config(self, cfg: dict[str, Any]) -> None:
+        super().check_hf_config(cfg)
+        if cfg.get("use_sliding_window"):
+            raise UnsupportedArchitectureError(f"{self.name}: use_sliding_window=true is not supported")
+
+    def hf_switches(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {"qk_norm": True, "attn_bias": bool(cfg.get("attention_bias", False))}
+
+    def hf_config_extra(self, spec: DecoderSpec) -> dict[str, Any]:
+        return {"attention_bias": spec.attn_bias, "use_sliding_window": False}
+
+    def write_gguf_metadata(self, writer, spec: DecoderSpec) -> None:
+        super().write_gguf_metadata(writer, spec)
+        if spec.head_dim * spec.num_heads == spec.hidden_size:  # the base writes them otherwise
+            writer.add_key_length(spec.head_dim)
+            writer.add_value_length(spec.head_dim)
+
+    def gguf_switches(self, meta, base: dict[str, Any]) -> dict[str, Any]:
+        bias = gguf_name("ATTN_Q", 0, "bias") in meta.tensor_names
+        return super().gguf_switches(meta, base) | {"qk_norm": True, "attn_bias": bias}
+
+
+ARCHITECTURE = Qwen3()
