@@ -1,21 +1,26 @@
 """Core ML exporter: an ML program (.mlpackage) decoder with a stateful KV cache and edgekit's own weights.
 
-Steps:
+Every decoder architecture (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3) goes the same way, because
+the module traced is :class:`~edgekit.architectures.torch_decoder.DecoderNet`, edgekit's one torch
+decoder, in its stateful mode. Steps:
 
-1. ``torch.jit.trace`` of :class:`~edgekit.converters.coreml_torch.StatefulDecoder` (float32 weights,
-   fp16 cache buffers) and ``coremltools.convert`` to an ML program for iOS 18 / macOS 15 (the first
-   target with states and block-wise compression), compute precision fp16, with the inputs, states
-   and output named in :mod:`edgekit.converters.coreml_torch`.
+1. ``torch.jit.trace`` of ``DecoderNet(model, cache_len=ctx)`` (float32 weights, fp16 cache buffers;
+   see :mod:`edgekit.converters.coreml_torch` for the contract) and ``coremltools.convert`` to an ML
+   program for iOS 18 / macOS 15 (the first target with states and block-wise compression), compute
+   precision fp16, with the inputs, states and output that contract names.
 2. The pass in :mod:`edgekit.converters.coreml_weights`, at the end of the conversion's pipeline,
-   replaces every weight by the encoding's integers and fp16 scales (int4 / int8 block-wise
-   shift-scale, ternary as a 2-bit lookup table, fp16 as is).
+   replaces every tensor by the encoding's integers and fp16 scales (int4 / int8 block-wise
+   shift-scale, ternary as a 2-bit lookup table, fp16 as is; norms and biases fp16).
 3. Validation that runs on any OS: the saved package is read back (spec + MIL program), the inputs /
-   states / output are the ones :mod:`edgekit.runtimes.coreml` uses, every tensor is stored as the
-   recipe says, and its numbers equal edgekit's bit for bit; otherwise :class:`ValidationError` and
-   nothing is written. Logits need Core ML's runtime, which exists only on macOS.
+   states / output are the ones :mod:`edgekit.runtimes.coreml` uses, the program has the expected
+   structure (one attention op per layer, every state updated by every layer, one linear per matrix,
+   each tensor's const used by the ops its role needs), every tensor is stored as the recipe says,
+   and its numbers equal edgekit's bit for bit; otherwise :class:`ValidationError` and nothing is
+   written. Logits need Core ML's runtime, which exists only on macOS.
 
-``tokenizer.json`` and ``coreml_config.json`` (shapes, special tokens, chat template, what each
-tensor is stored as, and the bytes per storage type the predictor needs) sit next to the package.
+``tokenizer.json`` and ``coreml_config.json`` (architecture, shapes, per-layer widths and windows,
+special tokens, chat template, what each tensor is stored as, and the bytes per storage type the
+predictor needs) sit next to the package.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.architectures import layout as L
 from edgekit.errors import EdgekitError, ValidationError
 from edgekit.model import BlockQuant, Model
 
@@ -37,6 +43,8 @@ DEFAULT_CONTEXT = 2048  # KV-cache length; the state is allocated at this size o
 DEPLOYMENT_TARGET = "iOS18"
 INPUTS = ("inputIds", "causalMask")
 OUTPUTS = ("logits",)
+STATES = ("keyCache", "valueCache")  # as DecoderNet names its cache buffers
+CONFIG_VERSION = 2  # 2: any architecture ("architecture", "layer_windows"); the interface is version 1's
 
 
 def _quiet_coremltools():
@@ -103,12 +111,15 @@ def weight_bytes(model: Model) -> tuple[dict[str, int], dict[str, int], dict[str
             params[kind] = params.get(kind, 0) + t.size
         stored[kind] = stored.get(kind, 0) + n
         # an untied input embedding is gathered (one row per token), not streamed
-        if not (name == "model.embed_tokens.weight" and not s.tie_word_embeddings):
+        if not (name == L.EMBED and not s.tie_word_embeddings):
             streamed[kind] = streamed.get(kind, 0) + n
     return stored, streamed, params
 
 
 def runtime_config(model: Model, ctx: int, cache: tuple[int, ...]) -> dict[str, Any]:
+    """``coreml_config.json``: what :mod:`edgekit.runtimes.coreml` and the predictor read (no architecture
+    knowledge is needed to run the package: the program holds it all)."""
+    from edgekit.converters.coreml_torch import weight_names
     from edgekit.converters.coreml_weights import storage_kind
 
     s = model.spec
@@ -118,37 +129,33 @@ def runtime_config(model: Model, ctx: int, cache: tuple[int, ...]) -> dict[str, 
     bos, eos = meta(tok, "tokenizer.ggml.bos_token_id"), meta(tok, "tokenizer.ggml.eos_token_id")
     stored, streamed, params = weight_bytes(model)
     return {
-        "format": "edgekit-coreml-decoder", "version": 1,
+        "format": "edgekit-coreml-decoder", "version": CONFIG_VERSION, "architecture": s.arch,
         "context": ctx, "cache_shape": list(cache), "num_layers": s.num_layers, "head_dim": s.head_dim,
         "vocab_size": s.vocab_size, "hidden_size": s.hidden_size, "num_heads": s.num_heads,
+        "num_kv_heads": s.num_kv_heads, "max_position": s.max_position,
         "layer_widths": [model.layer_widths(i) for i in range(s.num_layers)],
+        # keys each layer attends to (None: all); applied inside the program, the runtime's mask is causal
+        "layer_windows": [s.window(i) for i in range(s.num_layers)],
         "tied_embeddings": s.tie_word_embeddings, "parameters": model.num_parameters(),
         "bos_token_id": bos, "eos_token_id": eos,
         "bos_token": tokens[bos] if bos is not None and bos < len(tokens) else "",
         "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else "",
         "control_token_ids": [i for i, t in enumerate(types) if t == 3],
         "chat_template": meta(tok, "tokenizer.chat_template"),
-        "inputs": list(INPUTS), "outputs": list(OUTPUTS), "states": ["keyCache", "valueCache"],
-        "storage": {n: storage_kind(model, n) for n in model.linear_names()},
+        "inputs": list(INPUTS), "outputs": list(OUTPUTS), "states": list(STATES),
+        "storage": {n: storage_kind(model, n) for n in weight_names(model)},
         "bytes_by_kind": stored, "streamed_bytes_by_kind": streamed, "params_by_kind": params,
     }
 
 
 def convert_decoder(model: Model, ctx: int, package: Path) -> dict[str, Any]:
     """Trace, convert with the packing pass, save ``package``; returns what the packing found."""
-    import torch
-
     from edgekit.converters import coreml_torch as ctorch
     from edgekit.converters import coreml_weights as cw
 
     ct = _quiet_coremltools()
     _fix_int_op()
-    net = ctorch.StatefulDecoder(model, ctx).eval()
-    # trace with a non-empty past so nothing specialises on P == 0
-    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(ctorch.causal_mask(3, 2)))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(net, example, check_trace=False)
+    traced = ctorch.trace(ctorch.stateful_net(model, ctx))
     shape = ctorch.cache_shape(model, ctx)
     q, t = ct.RangeDim(1, ctx), ct.RangeDim(1, ctx)
     with cw.packing(model, cw.by_param_name(ctorch.weight_names(model))) as job, warnings.catch_warnings():
@@ -160,7 +167,7 @@ def convert_decoder(model: Model, ctx: int, package: Path) -> dict[str, Any]:
             outputs=[ct.TensorType(name="logits", dtype=np.float16)],
             states=[ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=n) for n in ctorch.STATES],
             minimum_deployment_target=ct.target.iOS18, convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16, pass_pipeline=cw.pipeline(), skip_model_load=True)
+            compute_precision=ct.precision.FLOAT16, pass_pipeline=cw.pipeline(keep_names=True), skip_model_load=True)
     mlmodel.short_description = f"edgekit Core ML export of {model.name}"
     mlmodel.save(str(package))
     return {"found": job["found"], "cache_shape": shape}
@@ -208,16 +215,59 @@ def check_interface(io: dict[str, Any], ctx: int, cache: tuple[int, ...]) -> lis
             bad.append(f"input {name}: ranges {got['ranges']} do not reach the context {ctx}")
     if set(io["outputs"]) != set(OUTPUTS):
         bad.append(f"outputs {sorted(io['outputs'])} (want {list(OUTPUTS)})")
-    for name in ("keyCache", "valueCache"):
+    for name in STATES:
         got = io["states"].get(name)
         if got is None or got["dtype"] != "FLOAT16" or tuple(got["shape"]) != tuple(cache):
             bad.append(f"state {name}: {got} (want FLOAT16 {list(cache)})")
     return bad
 
 
+# the ops a tensor's const may feed, by what the tensor is (a matrix feeds linear, the embedding gather)
+_USERS = {"matrix": {"linear"}, "embedding": {"gather", "linear"}, "norm": {"mul"}, "bias": {"add"}}
+
+
+def _role(model: Model, name: str) -> str:
+    if name == L.EMBED:
+        return "embedding"
+    if model.tensors[name].ndim == 2:
+        return "matrix"
+    return "bias" if name.endswith(".bias") else "norm"
+
+
+def check_structure(prog, model: Model) -> list[str]:
+    """What differs from the program the traced DecoderNet must give (empty when nothing): one fused
+    attention op per layer, both states read and written by every layer, one ``linear`` per matrix
+    use, and every tensor's const used (only) by the ops its role needs."""
+    from edgekit.converters.coreml_torch import weight_names
+    from edgekit.converters.coreml_weights import _ops, const_name
+
+    s = model.spec
+    counts = program_structure(prog)
+    bad = []
+    want = {"scaled_dot_product_attention": s.num_layers, "coreml_update_state": len(STATES) * s.num_layers,
+            # the head is the embedding's const when tied; an untied embedding is only gathered
+            "linear": len([n for n in model.linear_names() if n != L.EMBED]) + (L.output_head(s) == L.EMBED),
+            "gather": None, "read_state": None}
+    for op_type, n in want.items():
+        got = counts.get(op_type, 0)
+        if (n is None and got < 1) or (n is not None and got != n):
+            bad.append(f"{got} {op_type} ops (want {n if n is not None else 'at least 1'})")
+    by_name = {op.name: op for op in _ops(prog)}
+    for n in weight_names(model):
+        op = by_name.get(const_name(n))
+        if op is None:
+            continue  # the read-back names it
+        users = {c.op_type for c in op.outputs[0].child_ops}
+        allowed = _USERS[_role(model, n)]
+        if not users or not users <= allowed:
+            bad.append(f"{n}: used by {sorted(users) or 'nothing'} (want {sorted(allowed)})")
+    return bad
+
+
 def validate_package(package: Path, model: Model, ctx: int, cache: tuple[int, ...]) -> dict[str, Any]:
     """Read the saved package back and check it as far as Linux allows; raises ValidationError."""
     from edgekit.converters import coreml_weights as cw
+    from edgekit.converters.coreml_torch import weight_names
 
     prog, spec = cw.load_program(package)
     io = interface(spec)
@@ -225,9 +275,13 @@ def validate_package(package: Path, model: Model, ctx: int, cache: tuple[int, ..
     if bad_io:
         raise ValidationError(package.name, "inputs/outputs/states differing from the runtime's contract", len(bad_io), 0,
                               "; ".join(bad_io[:3]))
-    names = model.linear_names()
-    return {"interface": io, "weights": cw.require_bit_exact(package.name, prog, model, names),
-            "op_counts": program_structure(prog), "spec_version": spec.specificationVersion}
+    weights = cw.require_bit_exact(package.name, prog, model, weight_names(model))
+    bad_ops = check_structure(prog, model)
+    if bad_ops:
+        raise ValidationError(package.name, "program structure differing from the traced decoder's", len(bad_ops), 0,
+                              "; ".join(bad_ops[:3]))
+    return {"interface": io, "weights": weights, "op_counts": program_structure(prog),
+            "spec_version": spec.specificationVersion}
 
 
 class CoreMLExporter:
@@ -241,11 +295,13 @@ class CoreMLExporter:
 
     def supports(self, model: Model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        from edgekit import architectures
         from edgekit.converters.coreml_weights import unsupported
 
-        if model.spec.arch != "llama":
-            return f"architecture {model.spec.arch} has no Core ML decoder here"
-        return unsupported(model)
+        arch = architectures.of(model.spec)
+        if arch.kind != "decoder":
+            return f"{arch.name} is not a decoder (sentence encoders have their own Core ML exporter)"
+        return arch.format_refusal(self.name, model.spec) or unsupported(model)
 
     def export(self, model: Model, out_dir: Path, context: int | None = None) -> dict[str, Any]:
         from edgekit.tokenizer_convert import gguf_to_hf_tokenizer
@@ -287,16 +343,17 @@ def coreml_facts(package: str | Path):
     except (OSError, ValueError):
         raise InputError(f"{package.parent / CONFIG_FILE} is missing or unreadable",
                          "re-export the model with `edgekit convert --format coreml`") from None
-    L, _, kvh, _, hd = cfg["cache_shape"]
+    n_layers, _, kvh, _, hd = cfg["cache_shape"]
     return ArtifactFacts(
         format="coreml", runtime="coreml", size_bytes=tree_bytes(package),
         parameters=int(cfg["parameters"]),
         bytes_by_type={k.upper(): int(v) for k, v in cfg["streamed_bytes_by_kind"].items()},
         params_by_type={k.upper(): int(v) for k, v in cfg["params_by_kind"].items()},
-        kv_bytes_per_token=2 * L * kvh * hd * 2,  # fp16 key and value states
+        kv_bytes_per_token=2 * n_layers * kvh * hd * 2,  # fp16 key and value states
         attn_flops_per_token_per_ctx=4 * sum(w["heads"] for w in cfg["layer_widths"]) * hd,
         vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-        extra={"num_layers": L, "tied_embeddings": cfg["tied_embeddings"], "context": cfg["context"]},
+        extra={"num_layers": n_layers, "tied_embeddings": cfg["tied_embeddings"], "context": cfg["context"],
+               "architecture": cfg.get("architecture", "llama")},
     )
 
 

@@ -1,9 +1,10 @@
 """Put edgekit's own numbers into a Core ML program, and read them back from a saved package.
 
 Passes decide the numbers; this module only packs them. A MIL graph pass, appended to the end of
-the conversion's pass pipeline, replaces each weight const (found by the parameter name
-:mod:`edgekit.converters.coreml_torch` gave it) with a compile-time decompression op built from the
-encoding's integers and fp16 scales, never from float weights:
+the conversion's pass pipeline, replaces each tensor's const (found by the parameter name ``w<k>`` the
+traced decoder gave it, see :mod:`edgekit.converters.coreml_torch`; encoders find theirs by value)
+with a compile-time decompression op built from the encoding's integers and fp16 scales, never from
+float weights:
 
 - ``BlockQuant`` 4 or 8 bits -> ``constexpr_blockwise_shift_scale(data=q as int4/int8,
   scale=[out, in/block] fp16)`` (iOS 18): ``W = scale * q``, exactly BlockQuant's definition.
@@ -13,6 +14,12 @@ encoding's integers and fp16 scales, never from float weights:
   (2 bits + 64/block bits per weight).
 - ``Cast("f16")`` (and float32, which an ML program stores as fp16 too): the fp16 const the
   conversion made, left as it is.
+- 1-D tensors (RMSNorm weights, q/k norms, q/k/v biases): never block-quantized (a block encoding is
+  2-D); stored fp16 like every float tensor. The program computes at fp16 precision, so an fp32 const
+  would only be cast to fp16 where it is used; fp16 is what runs, and what the read-back compares
+  (``tensor.astype(float16)``, bit for bit). Each stays a separate const under its own name: the
+  decoder's pipeline drops :data:`RENAMING_PASSES`, so a bias is an ``add`` after its ``linear`` rather
+  than folded into a new, unnamed linear bias.
 
 :func:`read_back` opens the saved package's MIL program and rebuilds, for every tensor, the stored
 integers and scales (or fp16 values); :func:`check_read_back` compares them with the encodings bit for
@@ -36,9 +43,9 @@ _PARAM = re.compile(r"^w(\d+)(?:_|$)")
 _job = threading.local()
 
 
-def const_name(hf_name: str) -> str:
-    """The name of the op holding ``hf_name`` in the package (MIL names: no dots)."""
-    return "edgekit__" + hf_name.replace(".", "_")
+def const_name(name: str) -> str:
+    """The name of the op holding tensor ``name`` (edgekit's neutral name) in the package (MIL names: no dots)."""
+    return "edgekit__" + name.replace(".", "_")
 
 
 def storage_kind(model: Model, name: str) -> str:
@@ -136,22 +143,22 @@ def _pack_block(block, job: dict[str, Any]) -> None:
             _pack_block(inner, job)
         if op.op_type != "const" or op.name.startswith("edgekit__"):
             continue
-        hf = job["lookup"](op)
-        if hf is None:
+        name = job["lookup"](op)
+        if name is None:
             continue
         val = op.outputs[0].val
-        if val is None or tuple(val.shape) != tuple(model.tensors[hf].shape):
-            raise RuntimeError(f"const {op.name} does not have the shape of {hf}")
-        enc = model.encoding(hf)
-        job["found"].setdefault(hf, []).append(op.name)
-        new = job["vars"].get(hf) if block is job["vars_block"].get(hf) else None
+        if val is None or tuple(val.shape) != tuple(model.tensors[name].shape):
+            raise RuntimeError(f"const {op.name} does not have the shape of {name}")
+        enc = model.encoding(name)
+        job["found"].setdefault(name, []).append(op.name)
+        new = job["vars"].get(name) if block is job["vars_block"].get(name) else None
         if new is None:  # a tensor the conversion left in two consts is stored once
             with block:
                 if isinstance(enc, BlockQuant):
-                    new = _compressed_var(mb, types, enc, const_name(hf), op)
+                    new = _compressed_var(mb, types, enc, const_name(name), op)
                 else:  # keep the fp16 values the conversion made, under a name read_back can find
-                    new = mb.const(val=np.asarray(val), before_op=op, name=const_name(hf))
-            job["vars"][hf], job["vars_block"][hf] = new, block
+                    new = mb.const(val=np.asarray(val), before_op=op, name=const_name(name))
+            job["vars"][name], job["vars_block"][name] = new, block
         block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
                                            no_check_var_types=True, force_replace=True)
         block.remove_ops([op])
@@ -170,11 +177,20 @@ def packing(model, lookup) -> Iterator[dict[str, Any]]:
         _job.current = None
 
 
-def pipeline():
-    """coremltools' default pipeline with the packing pass at its end (after the fp16 cast)."""
+# passes that replace a weight's const by a new, unnamed one: ``fuse_linear_bias`` folds a bias add into
+# the linear (new weight and bias consts), ``const_deduplication`` drops a tensor whose values equal
+# another's (two equal norms). Decoders find every tensor by its parameter name, so they run without them.
+RENAMING_PASSES = ("common::fuse_linear_bias", "common::const_deduplication")
+
+
+def pipeline(keep_names: bool = False):
+    """coremltools' default pipeline with the packing pass at its end (after the fp16 cast); with
+    ``keep_names``, without :data:`RENAMING_PASSES` (every parameter's const reaches the packing pass)."""
     import coremltools as ct
 
     pipe = ct.PassPipeline.DEFAULT
+    if keep_names:
+        pipe.remove_passes(list(RENAMING_PASSES))
     pipe.append_pass(PASS_NAME)
     return pipe
 
@@ -211,22 +227,22 @@ def read_back(prog, names: list[str]) -> dict[str, dict[str, Any]]:
     """For each tensor in ``names``: what the package stores under its name (kind and arrays)."""
     by_name = {op.name: op for op in _ops(prog)}
     out: dict[str, dict[str, Any]] = {}
-    for hf in names:
-        op = by_name.get(const_name(hf))
+    for name in names:
+        op = by_name.get(const_name(name))
         if op is None:
             continue
         if op.op_type == "constexpr_blockwise_shift_scale":
             data = op.data.val
             kind = "int4" if op.data.dtype == _types().int4 else "int8" if op.data.dtype == _types().int8 else str(op.data.dtype)
-            out[hf] = {"kind": kind, "q": np.asarray(data).astype(np.int8), "scales": np.asarray(op.scale.val),
+            out[name] = {"kind": kind, "q": np.asarray(data).astype(np.int8), "scales": np.asarray(op.scale.val),
                        "offset": None if op.offset is None else op.offset.val}
         elif op.op_type == "constexpr_lut_to_dense":
-            out[hf] = {"kind": f"lut{op.indices.dtype.get_bitwidth()}", "indices": np.asarray(op.indices.val).astype(np.uint8),
+            out[name] = {"kind": f"lut{op.indices.dtype.get_bitwidth()}", "indices": np.asarray(op.indices.val).astype(np.uint8),
                        "lut": np.asarray(op.lut.val)}
         elif op.op_type == "const":
-            out[hf] = {"kind": "fp16" if op.outputs[0].dtype == _types().fp16 else "fp32", "values": np.asarray(op.outputs[0].val)}
+            out[name] = {"kind": "fp16" if op.outputs[0].dtype == _types().fp16 else "fp32", "values": np.asarray(op.outputs[0].val)}
         else:
-            out[hf] = {"kind": op.op_type}
+            out[name] = {"kind": op.op_type}
     return out
 
 
@@ -251,17 +267,17 @@ def check_read_back(stored: dict[str, dict[str, Any]], model, names: list[str]) 
     """Compare every stored tensor in ``names`` with ``model``'s encoding; returns a summary, lists mismatches."""
     bad: list[str] = []
     kinds: dict[str, int] = {}
-    for hf in names:
-        got = stored.get(hf)
-        want = storage_kind(model, hf)
+    for name in names:
+        got = stored.get(name)
+        want = storage_kind(model, name)
         if got is None:
-            bad.append(f"{hf}: not found in the package")
+            bad.append(f"{name}: not found in the package")
             continue
         kinds[got["kind"]] = kinds.get(got["kind"], 0) + 1
         if got["kind"] != want:
-            bad.append(f"{hf}: stored as {got['kind']}, expected {want}")
+            bad.append(f"{name}: stored as {got['kind']}, expected {want}")
             continue
-        enc = model.encoding(hf)
+        enc = model.encoding(name)
         if want in ("int4", "int8"):
             ok = (got["offset"] is None and _same_bits(got["q"], enc.q.astype(np.int8))
                   and _same_bits(got["scales"], enc.scales.astype(np.float16)))
@@ -273,9 +289,9 @@ def check_read_back(stored: dict[str, dict[str, Any]], model, names: list[str]) 
             if ok:
                 ok = _same_bits(_lut_dense(got["indices"], got["lut"]), _blockquant_dense_fp16(enc))
         else:
-            ok = _same_bits(got["values"], model.tensors[hf].astype(np.float16))
+            ok = _same_bits(got["values"], model.tensors[name].astype(np.float16))
         if not ok:
-            bad.append(f"{hf}: stored {want} numbers differ from edgekit's")
+            bad.append(f"{name}: stored {want} numbers differ from edgekit's")
     return {"tensors": len(names), "bit_exact": not bad, "mismatches": bad, "stored_as": kinds}
 
 

@@ -1,4 +1,4 @@
-"""ONNX exporter: a Llama decoder for ONNX Runtime carrying the numbers the passes decided.
+"""ONNX exporter: a decoder of any registered architecture for ONNX Runtime, carrying the numbers the passes decided.
 
 The graph is built by :mod:`edgekit.converters.onnx_graph` from ONNX Runtime's fused CPU operators
 (GroupQueryAttention with an in-place KV cache, SkipSimplifiedLayerNormalization, MatMulNBits); that
@@ -56,7 +56,7 @@ def runtime_config(model: Model, shapes: list[dict[str, int]]) -> dict[str, Any]
     bos, eos = _meta(tok, "tokenizer.ggml.bos_token_id"), _meta(tok, "tokenizer.ggml.eos_token_id")
     kv = [sh["kv_heads"] for sh in shapes]
     return {
-        "format": "edgekit-onnx-decoder", "version": 2,
+        "format": "edgekit-onnx-decoder", "version": 2, "architecture": s.arch,
         "num_layers": s.num_layers, "n_kv_heads": max(kv, default=s.num_kv_heads), "layer_kv_heads": kv,
         "head_dim": s.head_dim, "vocab_size": s.vocab_size, "hidden_size": s.hidden_size,
         "max_position": s.max_position,
@@ -87,8 +87,11 @@ class ONNXExporter:
 
     def supports(self, model: Model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
-        if model.spec.arch != "llama":
-            return f"architecture {model.spec.arch} has no ONNX decoder here"
+        from edgekit import architectures
+
+        refusal = architectures.of(model.spec).format_refusal(self.name, model.spec)
+        if refusal:
+            return refusal
         for n in model.tensors:
             enc = model.encoding(n)
             if isinstance(enc, BlockQuant) and enc.bits not in NBITS:

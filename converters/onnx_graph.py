@@ -1,12 +1,20 @@
-"""The Llama decoder as an ONNX graph of ONNX Runtime's fused CPU operators, built node by node.
+"""The decoder of every architecture as an ONNX graph of ONNX Runtime's fused CPU operators, built node by node.
 
 Why the graph is written here rather than traced: ONNX Runtime decodes fast only through a handful of
 ``com.microsoft`` contrib operators (``GroupQueryAttention`` with its own rotary embedding and in-place
 KV-cache update, ``SkipSimplifiedLayerNormalization``, ``MatMulNBits``) that no maintained exporter emits:
 torch.onnx and optimum trace ~40 small nodes per layer (rotary, Concat of the cache, Transpose, masks),
 which measured 0.68x llama.cpp here, and onnxruntime-genai's builder writes these very nodes by hand
-for the same reason. The decoder is eleven nodes per layer, so writing them out is shorter than
+for the same reason. The decoder is about eleven nodes per layer, so writing them out is shorter than
 rewriting a traced graph, and every weight goes in straight from edgekit's numbers.
+
+What the architecture switches become (``DecoderSpec``): q/k/v biases an ``Add`` after the (fused)
+product; qk-norm a ``SimplifiedLayerNormalization`` per head before GroupQueryAttention (its fused
+q/k-norm inputs run on CUDA / WebGPU only); sandwich norms a ``SimplifiedLayerNormalization`` on each
+branch before the residual add; GeGLU ``com.microsoft::FastGelu`` (the tanh approximation); the
+embedding scale a ``Mul`` after the gather (a tied head is not scaled); sliding layers
+GroupQueryAttention's ``local_window_size`` (W keys, the current one included, as transformers) with
+their own rotary cache when their rope base differs; partial rotary a narrower cos/sin cache.
 
 Graph contract (what :mod:`edgekit.runtimes.onnxruntime` relies on):
 
@@ -33,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.architectures import layout as L
+from edgekit.architectures.spec import rope_tables
 from edgekit.model import BlockQuant, Cast, Model
 
 MS = "com.microsoft"
@@ -40,8 +50,6 @@ OPSET = 21
 ACCURACY_LEVEL = 4  # int8 activations: the fast CPU kernels (level 0 is slower than fp32 at M=1)
 NBITS = (2, 4, 8)  # widths MatMulNBits runs on the CPU provider (3, 5, 6, 7 fail at session creation)
 FUSED_KEY = "edgekit.matrices"  # model metadata: weight initializer -> [[tensor name, rows], ...]
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 # ---------------------------------------------------------------------- packing
@@ -118,13 +126,12 @@ def layer_shapes(model: Model) -> list[dict[str, int]]:
     s = model.spec
     out = []
     for i in range(s.num_layers):
-        p = f"model.layers.{i}."
-        q, k = out_features(model, p + "self_attn.q_proj"), out_features(model, p + "self_attn.k_proj")
+        q, k = out_features(model, L.linear(i, L.Q)), out_features(model, L.linear(i, L.K))
         heads, kv = q // s.head_dim, k // s.head_dim
         if q % s.head_dim or k % s.head_dim or kv == 0 or heads % kv:
             raise ValueError(f"layer {i}: {q} query and {k} key rows do not make whole heads of {s.head_dim} "
                              f"with a query head count divisible by the KV head count")
-        out.append({"heads": heads, "kv_heads": kv, "intermediate": out_features(model, p + "mlp.gate_proj")})
+        out.append({"heads": heads, "kv_heads": kv, "intermediate": out_features(model, L.linear(i, L.GATE))})
     return out
 
 
@@ -220,22 +227,31 @@ class DecoderBuilder:
         return g.op("MatMul", [x, wname_f])
 
     def project(self, x: str, bases: list[str], tag: str) -> tuple[str | None, list[str]]:
-        """Linears ``bases`` on one input: (fused output, []) when they fuse, else (None, one output each)."""
-        chains = [factors(self.model, b) for b in bases]
+        """Linears ``bases`` on one input: (fused output, []) when they fuse, else (None, one output each).
+        Biases (all or none of a fused group) are added after the product."""
+        m = self.model
+        chains = [factors(m, b) for b in bases]
         singles = [c[0] for c in chains if len(c) == 1]
-        if len(bases) > 1 and len(singles) == len(bases) and len({_kind(self.model, n) for n in singles}) == 1:
-            return self.matmul(x, singles, tag), []
+        biases = [b + ".bias" for b in bases if b + ".bias" in m.tensors]
+        if (len(bases) > 1 and len(singles) == len(bases) and len({_kind(m, n) for n in singles}) == 1
+                and len(biases) in (0, len(bases))):
+            y = self.matmul(x, singles, tag)
+            if biases:
+                y = self.g.op("Add", [y, self.g.init(tag + ".bias", np.concatenate([m.tensors[b] for b in biases]))])
+            return y, []
         outs = []
         for base, chain in zip(bases, chains):
             y = x
             for name in chain:
                 y = self.matmul(y, [name], name.removesuffix(".weight"))
+            if base + ".bias" in m.tensors:
+                y = self.g.op("Add", [y, self.g.init(base + ".bias", m.tensors[base + ".bias"])])
             outs.append(y)
         return None, outs
 
     def embedding(self) -> str:
         m, g = self.model, self.g
-        name = "model.embed_tokens.weight"
+        name = L.EMBED
         enc = m.encoding(name)
         vocab, hidden = m.tensors[name].shape
         if gather_ok(enc):
@@ -243,15 +259,19 @@ class DecoderBuilder:
             shape = g.init("embed.rows_shape", np.array([vocab, hidden * enc.bits // 8], dtype=np.int64))
             rows = g.op("Reshape", [b, shape])
             self._count(f"GatherBlockQuantized{enc.bits}")
-            return g.op("GatherBlockQuantized", [rows, "input_ids", s], domain=MS, bits=enc.bits,
-                        block_size=enc.block_size, gather_axis=0, quantize_axis=1)
-        if isinstance(enc, Cast) and enc.dtype == "f16":
+            x = g.op("GatherBlockQuantized", [rows, "input_ids", s], domain=MS, bits=enc.bits,
+                     block_size=enc.block_size, gather_axis=0, quantize_axis=1)
+        elif isinstance(enc, Cast) and enc.dtype == "f16":
             t = g.init("embed.f16", m.tensors[name].astype(np.float16))
             self.layout[t] = [[name, int(vocab)]]
-            return g.op("Cast", [g.op("Gather", [t, "input_ids"])], to=1)
-        g.init("embed", m.effective_weight(name))
-        self.layout["embed"] = [[name, int(vocab)]]
-        return g.op("Gather", ["embed", "input_ids"])
+            x = g.op("Cast", [g.op("Gather", [t, "input_ids"])], to=1)
+        else:
+            g.init("embed", m.effective_weight(name))
+            self.layout["embed"] = [[name, int(vocab)]]
+            x = g.op("Gather", ["embed", "input_ids"])
+        if m.spec.embed_scale != 1.0:  # Gemma: the input embedding times sqrt(hidden), in float32
+            x = g.op("Mul", [x, g.init("embed.scale", np.array(m.spec.embed_scale, dtype=np.float32))])
+        return x
 
     def head(self, x: str) -> str:
         m, g, s = self.model, self.g, self.model.spec
@@ -263,7 +283,7 @@ class DecoderBuilder:
             else:
                 w = g.op("Transpose", ["embed"], perm=[1, 0])
             return g.op("MatMul", [x, w], outputs=["logits"])
-        self.matmul(x, [name], "lm_head")
+        self.matmul(x, [name], "head")
         self.g.nodes[-1].output[0] = "logits"
         return "logits"
 
@@ -278,41 +298,58 @@ class DecoderBuilder:
                   helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
                   helper.make_tensor_value_info("num_logits", TensorProto.INT64, [1])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "num_logits", s.vocab_size])]
-        inv = 1.0 / (s.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
-        freqs = np.arange(s.max_position, dtype=np.float32)[:, None] * inv.astype(np.float32)[None, :]
-        cos, sin = g.init("rope.cos", np.cos(freqs).astype(np.float32)), g.init("rope.sin", np.sin(freqs).astype(np.float32))
+        caches = {}
+        for kind in sorted({s.rope_kind(i) for i in range(s.num_layers)}):
+            cos, sin = rope_tables(s, s.max_position, kind)
+            caches[kind] = (g.init(f"rope.{kind}.cos", cos), g.init(f"rope.{kind}.sin", sin))
 
         res = self.embedding()
         pending = None  # the branch output still to be added to the residual stream
         for i, shp in enumerate(shapes):
-            p = f"model.layers.{i}."
-            gamma = g.init(p + "input_layernorm.weight", m.tensors[p + "input_layernorm.weight"])
+            p = L.prefix(i)
+            gamma = self.norm_weight(p + L.ATTN_NORM)
             if pending is None:
                 h = g.op("SimplifiedLayerNormalization", [res, gamma], axis=-1, epsilon=eps, stash_type=1)
             else:
                 h, res = self._skip_norm(pending, res, gamma, eps)
-            fused, qkv = self.project(h, [p + "self_attn." + x for x in ATTN[:3]], p + "self_attn.qkv_proj")
+            fused, qkv = self.project(h, [L.linear(i, r) for r in (L.Q, L.K, L.V)], p + "attn.qkv")
+            if s.qk_norm:  # per-head norms need q and k apart
+                if fused:
+                    widths = g.init(p + "attn.split", np.array([shp["heads"] * hd] + [shp["kv_heads"] * hd] * 2, dtype=np.int64))
+                    qkv, fused = g.op("Split", [fused, widths], outputs=3, axis=-1), None
+                qkv = [self._head_norm(qkv[0], p + L.Q_NORM, eps), self._head_norm(qkv[1], p + L.K_NORM, eps), qkv[2]]
             past = [f"past_key_{i}", f"past_value_{i}"]
             present = [f"present_key_{i}", f"present_value_{i}"]
             for n in past:
                 inputs.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, shp["kv_heads"], "past", hd]))
             for n in present:
                 outputs.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, shp["kv_heads"], "total", hd]))
-            attn_in = [fused, "", ""] if fused else qkv
+            attn_in = [fused, "", ""] if fused else list(qkv)
+            cos, sin = caches[s.rope_kind(i)]
+            window = s.window(i)
             attn = g.op("GroupQueryAttention", attn_in + past + ["seqlens_k", "total_sequence_length", cos, sin],
                         outputs=[f"{p}attn"] + present, domain=MS, num_heads=shp["heads"],
-                        kv_num_heads=shp["kv_heads"], do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5))[0]
-            _, (o,) = self.project(attn, [p + "self_attn.o_proj"], p + "self_attn.o_proj")
-            gamma = g.init(p + "post_attention_layernorm.weight", m.tensors[p + "post_attention_layernorm.weight"])
-            h, res = self._skip_norm(o, res, gamma, eps)
-            fused, gu = self.project(h, [p + "mlp.gate_proj", p + "mlp.up_proj"], p + "mlp.gate_up_proj")
+                        kv_num_heads=shp["kv_heads"], do_rotary=1, rotary_interleaved=0, scale=s.softmax_scale,
+                        local_window_size=int(window) if window else -1)[0]
+            _, (o,) = self.project(attn, [L.linear(i, L.O)], p + "attn.o")
+            if s.sandwich_norms:
+                o = g.op("SimplifiedLayerNormalization", [o, self.norm_weight(p + L.POST_ATTN_NORM)], axis=-1,
+                         epsilon=eps, stash_type=1)
+            h, res = self._skip_norm(o, res, self.norm_weight(p + L.MLP_NORM), eps)
+            fused, gu = self.project(h, [L.linear(i, L.GATE), L.linear(i, L.UP)], p + "mlp.gate_up")
             if fused:
                 width = g.init(p + "mlp.split", np.array([shp["intermediate"]] * 2, dtype=np.int64))
                 gu = g.op("Split", [fused, width], outputs=2, axis=-1)
             gate, up = gu
-            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
-            _, (pending,) = self.project(act, [p + "mlp.down_proj"], p + "mlp.down_proj")
-        gamma = g.init("model.norm.weight", m.tensors["model.norm.weight"])
+            if s.activation == "gelu_tanh":
+                act = g.op("Mul", [g.op("FastGelu", [gate], domain=MS), up])  # GeGLU, tanh approximation
+            else:
+                act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+            _, (pending,) = self.project(act, [L.linear(i, L.DOWN)], p + "mlp.down")
+            if s.sandwich_norms:
+                pending = g.op("SimplifiedLayerNormalization", [pending, self.norm_weight(p + L.POST_MLP_NORM)],
+                               axis=-1, epsilon=eps, stash_type=1)
+        gamma = self.norm_weight(L.FINAL_NORM)
         if pending is None:
             h = g.op("SimplifiedLayerNormalization", [res, gamma], axis=-1, epsilon=eps, stash_type=1)
         else:
@@ -322,12 +359,24 @@ class DecoderBuilder:
         axis = g.init("last.axis", np.array([1], dtype=np.int64))
         self.head(g.op("Slice", [h, start, end, axis]))
 
-        graph = helper.make_graph(g.nodes, "edgekit-llama-decoder", inputs, outputs, initializer=list(g.inits.values()))
+        graph = helper.make_graph(g.nodes, f"edgekit-{s.arch}-decoder", inputs, outputs, initializer=list(g.inits.values()))
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                                   producer_name="edgekit")
         proto.ir_version = 10  # what onnxruntime 1.32 reads (onnx 1.23 would write 12)
         helper.set_model_props(proto, {FUSED_KEY: json.dumps(self.layout)})
         return proto, shapes
+
+    def norm_weight(self, name: str) -> str:
+        return self.g.init(name, self.model.tensors[name].astype(np.float32))
+
+    def _head_norm(self, x: str, name: str, eps: float) -> str:
+        """RMSNorm over head_dim of every head of ``x`` [B, S, heads * head_dim]."""
+        g, hd = self.g, self.model.spec.head_dim
+        split = g.init("shape.heads", np.array([0, 0, -1, hd], dtype=np.int64))
+        merge = g.init("shape.merged", np.array([0, 0, -1], dtype=np.int64))
+        y = g.op("SimplifiedLayerNormalization", [g.op("Reshape", [x, split]), self.norm_weight(name)], axis=-1,
+                 epsilon=eps, stash_type=1)
+        return g.op("Reshape", [y, merge])
 
     def _skip_norm(self, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
         """(RMSNorm(x + skip) * gamma, x + skip) in one node."""

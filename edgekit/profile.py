@@ -44,6 +44,7 @@ class Reference:
     why: str | None = None  # why a .gguf became an artifact reference instead of a float one
     ids: list[int] | None = None  # evaluation tokens, from the reference's own tokenizer (artifact references)
     token_note: str | None = None
+    gguf_arch: str | None = None  # general.architecture, as llama.cpp read it
 
     def describe(self) -> dict[str, Any]:
         out = {"kind": self.kind, "path": str(self.path), "sha256": self.sha256}
@@ -55,7 +56,7 @@ class Reference:
 
     def as_artifact(self, why: str | None) -> "Reference":
         return Reference("artifact", self.path, self.sha256, opens=self.opens, runtime="llamacpp", why=why,
-                         ids=self.ids, token_note=self.token_note)
+                         ids=self.ids, token_note=self.token_note, gguf_arch=self.gguf_arch)
 
 
 def _content_sha256(file: Path) -> str:
@@ -104,9 +105,6 @@ def _explicit_reference(reference: str) -> Reference:
         src = resolve(str(p))
         return Reference(src.kind, src.path, src.sha256, source=src)
     if p.is_file() and p.suffix.lower() == ".gguf":  # float source if edgekit reads it, else an artifact
-        from edgekit.converters.gguf_layout import open_reader
-
-        open_reader(p)  # a corrupt file is one line now, not after minutes of measuring
         src = resolve(str(p))
         return Reference(src.kind, src.path, src.sha256, source=src, opens=p, runtime="llamacpp")
     return _artifact_reference(p)
@@ -141,6 +139,10 @@ def _float_reference(ref: Reference, progress):
     if missing:
         return None, f"the float reference needs {' and '.join(missing)} (pip install 'edgekit-ml[convert]')"
     try:
+        if ref.gguf_arch:  # known from llama.cpp's header read: skip a slow Python parse of the whole header
+            from edgekit.architectures import for_gguf_arch
+
+            for_gguf_arch(ref.gguf_arch, ref.path.name)
         return load_reference(ref.source, progress), None
     except UnsupportedArchitectureError as exc:
         return None, f"no float reference: {exc.message}"
@@ -160,8 +162,9 @@ def _reference_tokens(file: Path, ref: Reference, text: str) -> None:
 
     if ref.ids is not None:
         return
-    with edgekit.load(ref.opens, vocab_only=True) as rs:
+    with edgekit.load(ref.opens, vocab_only=True) as rs:  # a corrupt reference fails here, in one line
         ref_ids, ref_vocab = rs.tokenize(text), getattr(rs, "n_vocab", None)
+        ref.gguf_arch = (getattr(getattr(rs, "_llm", None), "metadata", None) or {}).get("general.architecture")
     with edgekit.load(file, vocab_only=True) as s:
         ids, vocab = s.tokenize(text), getattr(s, "n_vocab", None)
     if ref_vocab and vocab and ref_vocab != vocab:
@@ -175,6 +178,8 @@ def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig,
     import edgekit
 
     if ref.kind != "artifact":  # float reference first; a GGUF that has none is run as an artifact
+        if ref.opens is not None:
+            _reference_tokens(file, ref, text)  # also reads the GGUF's architecture, cheaply
         model, why = _float_reference(ref, progress)
         if model is not None:
             from edgekit.evaluate import measure_quality
@@ -225,7 +230,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
     text, label = read_text(eval_text, "eval")
     ref, ref_why = None, None
     if quality:  # a bad --reference fails before minutes of measuring, not after
-        ref, ref_why = _explicit_reference(reference) if reference is not None else _manifest_reference(manifest)
+        ref, ref_why = (_explicit_reference(reference), None) if reference is not None else _manifest_reference(manifest)
         if reference is not None and ref.opens is not None:
             _reference_tokens(file, ref, text)
     result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": file.stat().st_size}

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import UnsupportedArchitectureError
+from edgekit.errors import MissingDependencyError, UnsupportedArchitectureError
 
 SUPPORTED = ("byte-level BPE (pre-tokenizers: gpt2, smollm, llama-bpe, qwen2) and SentencePiece BPE with byte "
              "fallback (tokenizer.model, or a Llama/Gemma-style tokenizer.json)")
@@ -63,6 +63,10 @@ _PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     "llama-bpe": _split_then_bytelevel(_LLAMA3_REGEX),
     "qwen2": _split_then_bytelevel(_QWEN2_REGEX),
 }
+# edgekit's names are llama.cpp's (the GGUF value of tokenizer.ggml.pre) but for GPT-2's, which llama.cpp
+# spells "gpt-2" (it refuses to load "gpt2")
+_GGUF_PRE = {"gpt2": "gpt-2"}
+_FROM_GGUF_PRE = {v: k for k, v in _GGUF_PRE.items()}
 # Normalizers a byte-level tokenizer.json may carry: llama.cpp applies none, so NFC (Qwen2's) tokenizes
 # the same only on NFC text, which is what evaluation texts and typed input are in practice.
 _NORMALIZERS: dict[str, dict[str, Any] | None] = {"gpt2": None, "smollm": None, "llama-bpe": None, "qwen2": {"type": "NFC"}}
@@ -166,7 +170,7 @@ def _bytelevel_to_gguf(model_dir: Path, tok: dict[str, Any], vocab_size: int) ->
         token_types.append(types.get(i, UNUSED))
     out = {
         "tokenizer.ggml.model": _kv("STRING", "gpt2"),
-        "tokenizer.ggml.pre": _kv("STRING", pre),
+        "tokenizer.ggml.pre": _kv("STRING", _GGUF_PRE.get(pre, pre)),
         "tokenizer.ggml.tokens": _kv("ARRAY", tokens, "STRING"),
         "tokenizer.ggml.token_type": _kv("ARRAY", token_types, "INT32"),
     }
@@ -225,8 +229,6 @@ def _spm_model_to_gguf(model_dir: Path, vocab_size: int) -> dict[str, Any] | Non
         from sentencepiece import SentencePieceProcessor
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2
     except ImportError:
-        from edgekit.errors import MissingDependencyError
-
         raise MissingDependencyError("reading tokenizer.model needs sentencepiece", "pip install sentencepiece protobuf") from None
     path = model_dir / "tokenizer.model"
     try:
@@ -258,7 +260,12 @@ def _spm_model_to_gguf(model_dir: Path, vocab_size: int) -> dict[str, Any] | Non
             typ = BYTE
         tokens[i], scores[i], types[i] = sp.IdToPiece(i), sp.GetScore(i), typ
     _apply_added_tokens(model_dir, _read_json(model_dir / "tokenizer.json"), tokens, scores, types)
-    out = _spm_keys(tokens, scores, types, proto.normalizer_spec.add_dummy_prefix)
+    # add_prefix_space in tokenizer_config.json makes transformers rebuild its fast tokenizer from
+    # tokenizer.model with that setting, and llama.cpp's Llama converter honours it too
+    prefix = (_read_json(model_dir / "tokenizer_config.json") or {}).get("add_prefix_space")
+    if prefix is None:
+        prefix = proto.normalizer_spec.add_dummy_prefix
+    out = _spm_keys(tokens, scores, types, prefix)
     out.update(_special_keys(model_dir, len(tokens), load_merges=False))
     return out
 
@@ -275,15 +282,17 @@ def _spm_json_prefix(tok: dict[str, Any]) -> bool:
     """
     norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer")
     parts = [] if norm is None else norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
-    prepend = [p for p in parts if p.get("type") == "Prepend"]
-    if parts and all(p.get("type") in ("Prepend", "Replace") for p in parts) and _is_replace_space(parts[-1]) \
-            and all(p.get("prepend") == _SPIECE for p in prepend) and len(prepend) <= 1 and len(parts) == len(prepend) + 1:
+    kinds = [p.get("type") for p in parts]
+    if kinds in (["Prepend", "Replace"], ["Replace"]) and _is_replace_space(parts[-1]) \
+            and (kinds[0] != "Prepend" or parts[0].get("prepend") == _SPIECE):
         # spaces are already "▁" when the pre-tokenizer runs, so Gemma's Split(" ") never splits
         if pre is None or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}):
-            return bool(prepend)
+            return kinds[0] == "Prepend"
     if norm is None and (pre or {}).get("type") == "Metaspace" and pre.get("replacement") == _SPIECE:
         scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
-        # split=True (the default of older files) cuts words at every "▁": llama.cpp never does
+        # split=True (the default of older files) cuts words at every "▁": llama.cpp never does. Metaspace
+        # prepends "▁" only to text that does not start with one, where SentencePiece and llama.cpp always
+        # do: on text starting with a space the two differ by that one "▁" (llama.cpp has no such option).
         if not pre.get("split", True):
             return scheme != "never"
     raise _unsupported("this SentencePiece-BPE tokenizer.json's normalizer/pre-tokenizer has no llama.cpp equivalent")
@@ -313,7 +322,11 @@ def _spm_json_to_gguf(model_dir: Path, tok: dict[str, Any], vocab_size: int) -> 
     for text, rank in first_rank.items():
         if text in vocab:
             scores[vocab[text]] = -float(rank)
-    for i, text in id_to_tok.items():
+    if "\t" in vocab and "<0x09>" not in vocab:
+        # transformers' GemmaConverter renames the <0x09> byte piece "\t"; the tokenizer.model name keeps the
+        # GGUF identical to the one made from tokenizer.model (same ids either way: llama.cpp's byte fallback)
+        tokens[vocab["\t"]] = "<0x09>"
+    for i, text in enumerate(tokens):
         if _BYTE_TOKEN.fullmatch(text):
             types[i] = BYTE
     if model.get("unk_token") in vocab:
@@ -337,6 +350,7 @@ def gguf_to_hf_tokenizer(meta: dict[str, Any]):
     if model == "llama":
         return _spm_gguf_to_hf(meta)
     pre = _value(meta, "tokenizer.ggml.pre")
+    pre = _FROM_GGUF_PRE.get(pre, pre)
     if model != "gpt2" or pre not in _PRE_TOKENIZERS:
         raise _unsupported(f"GGUF tokenizer '{model}/{pre}' has no tokenizer.json form here")
     return _bytelevel_gguf_to_hf(meta, pre)

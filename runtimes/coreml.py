@@ -4,10 +4,14 @@ Core ML's runtime exists only on macOS: elsewhere opening a model fails with one
 (``vocab_only=True`` still works everywhere: tokenization needs only ``tokenizer.json``). Needs
 coremltools, tokenizers, numpy and jinja2 (no torch).
 
-The package is a stateful decoder (see :mod:`edgekit.converters.coreml_torch`): each call passes
-``inputIds`` int32 [1, S] and ``causalMask`` fp16 [1, 1, S, P + S] and updates the KV-cache states
-``keyCache`` / ``valueCache`` held by an ``MLState`` in place; the session keeps ``P`` (tokens cached).
-Generation prefills the prompt in chunks, then feeds one token per step.
+The package is a stateful decoder of any architecture edgekit converts (see
+:mod:`edgekit.converters.coreml_torch`): each call passes ``inputIds`` int32 [1, S] and ``causalMask``
+fp16 [1, 1, S, P + S] (the plain causal mask: sliding-window layers apply their window inside the
+program) and updates the KV-cache states ``keyCache`` / ``valueCache`` held by an ``MLState`` in place;
+the session keeps ``P`` (tokens cached). Generation prefills the prompt in chunks, then feeds one
+token per step. Everything the session needs is in ``coreml_config.json`` (context, vocabulary,
+special tokens, chat template, the input / state / output names); nothing here depends on the
+architecture.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
 CONFIG_FILE = "coreml_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 _UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+DECODER_FORMAT = "edgekit-coreml-decoder"
+CONFIG_VERSIONS = (1, 2)  # 1: Llama only; 2: any architecture. Same interface.
+# the interface's names (version 1 configs did not always list them)
+INPUT_IDS, CAUSAL_MASK, LOGITS = "inputIds", "causalMask", "logits"
 
 
 class PlatformError(EdgekitError):
@@ -39,7 +47,10 @@ def unavailable_reason() -> str | None:
         f"Core ML models run only on macOS (Core ML's runtime); this machine runs {sys.platform}")
 
 
-def _causal_mask(past: int, n: int) -> np.ndarray:
+def causal_mask(past: int, n: int) -> np.ndarray:
+    """fp16 ``[1, 1, n, past + n]``: query i sees keys j <= past + i (0 visible, -inf hidden).
+
+    The same mask for every architecture: sliding-window layers apply their window inside the program."""
     q = np.arange(n)[:, None] + past
     k = np.arange(past + n)[None, :]
     return np.where(k > q, -np.inf, 0.0).astype(np.float16)[None, None]
@@ -73,8 +84,14 @@ class CoreMLSession(TextSession):
         except (OSError, ValueError):
             raise InputError(f"{p.parent / CONFIG_FILE} is missing or unreadable",
                              "re-export the model with `edgekit convert --format coreml`") from None
-        self._load_tokenizer(p.parent / TOKENIZER_FILE)
         cfg = self.config
+        if cfg.get("format", DECODER_FORMAT) != DECODER_FORMAT or int(cfg.get("version", 1)) not in CONFIG_VERSIONS:
+            raise InputError(f"{p.parent / CONFIG_FILE} describes a {cfg.get('format')} version {cfg.get('version')} "
+                             f"package, not an edgekit Core ML decoder this edgekit runs",
+                             "re-export the model with this edgekit's `edgekit convert --format coreml`")
+        self._inputs = tuple(cfg.get("inputs") or (INPUT_IDS, CAUSAL_MASK))
+        self._logits = (cfg.get("outputs") or [LOGITS])[0]
+        self._load_tokenizer(p.parent / TOKENIZER_FILE)
         self.n_ctx = min(int(n_ctx or cfg["context"]), int(cfg["context"]))
         self.n_batch = max(1, int(n_batch))
         self.n_vocab = int(cfg["vocab_size"])
@@ -107,10 +124,11 @@ class CoreMLSession(TextSession):
     def _step(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
         # the Core ML program returns every position's logits (all_logits is the ONNX graph's option)
         n = len(ids)
-        out = self._model.predict({"inputIds": np.asarray([ids], dtype=np.int32),
-                                   "causalMask": _causal_mask(self._n_past, n)}, state=self._state)
+        ids_name, mask_name = self._inputs
+        out = self._model.predict({ids_name: np.asarray([ids], dtype=np.int32),
+                                   mask_name: causal_mask(self._n_past, n)}, state=self._state)
         self._n_past += n
-        return np.asarray(out["logits"], dtype=np.float32)[0]
+        return np.asarray(out[self._logits], dtype=np.float32)[0]
 
     def _forward(self, ids: Sequence[int], keep: str = "all") -> np.ndarray:
         self._need_model()

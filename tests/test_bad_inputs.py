@@ -58,6 +58,19 @@ def test_random_bytes_gguf(tmp_path):
 
 
 def test_unsupported_architecture_gguf(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    proc = run_cli("convert", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, "architecture 'mamba' is not supported", "convertible: gemma3, llama, phi3, qwen2, qwen3")
+
+
+def test_supported_architecture_with_missing_metadata_gguf(tmp_path):
     path = tmp_path / "qwen.gguf"
     w = gguf.GGUFWriter(str(path), "qwen2")
     w.add_block_count(1)
@@ -67,7 +80,7 @@ def test_unsupported_architecture_gguf(tmp_path):
     w.write_tensors_to_file()
     w.close()
     proc = run_cli("convert", str(path), "-o", str(tmp_path / "out"))
-    assert_one_line_error(proc, "architecture 'qwen2' is not supported", "supported: llama")
+    assert_one_line_error(proc, "qwen2.attention.head_count is missing")
 
 
 def test_unsupported_architecture_hf_dir(tmp_path):

@@ -1,9 +1,10 @@
 """Core ML export: what Linux can check (package structure, interface, weights bit for bit, the traced
-torch module's arithmetic), and the numeric checks that need Core ML's runtime (marked ``macos``:
-skipped elsewhere, with the reason in pytest's -ra summary)."""
+torch module's arithmetic against transformers, for every architecture), and the numeric checks that
+need Core ML's runtime (marked ``macos``: skipped elsewhere, with the reason in pytest's -ra summary)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import sys
@@ -12,15 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekit.model import BlockQuant, Cast
+from edgekit.architectures import layout as L
+from edgekit.model import BlockQuant, Cast, Model
+from edgekit.passes import PassContext
 from edgekit.passes.rtn import quantize_q4_0, quantize_q8_0
 from edgekit.passes.ternary import ternarize
 from tests.conftest import pruned_lowrank_model, run_cli, tiny_model
+from tiny_archs import NAMES, edgekit_model, hf_logits
 
 pytest.importorskip("coremltools")
 
+from edgekit.converters import coreml_torch as ctorch  # noqa: E402
 from edgekit.converters import coreml_weights as cw  # noqa: E402
 from edgekit.converters.coreml import CoreMLExporter  # noqa: E402
+
+CTX = 64  # the KV-cache length of the test packages (tiny: conversion time does not depend on it much)
+IDS = list(range(300, 340))  # 40 tokens: longer than gemma3's sliding window (8)
+
 
 def encode(model, kind_of):
     """Give every 2-D tensor the encoding ``kind_of(name)`` names: int4 / int8 / ternary / f16."""
@@ -34,16 +43,21 @@ def encode(model, kind_of):
 
 def mixed_kind(name: str) -> str:
     """Every storage kind in one model: the tied head int8, layer 0 int4, layer 1 ternary, its MLP down f16."""
-    if "embed_tokens" in name:
+    if name == L.EMBED:
         return "int8"
-    if "layers.1.mlp.down_proj" in name:
+    if name == L.linear(1, L.DOWN) + ".weight":
         return "f16"
-    return "int4" if "layers.0." in name else "ternary"
+    return "int4" if name.startswith(L.prefix(0)) else "ternary"
 
 
-def export(model, d: Path) -> dict:
+def export(model, d: Path, context: int | None = None) -> dict:
     d.mkdir(parents=True, exist_ok=True)
-    return CoreMLExporter().export(model, d)
+    return CoreMLExporter().export(model, d, context=context)
+
+
+def vectors(model) -> list[str]:
+    """The 1-D tensors (norms, q/k norms, biases): stored fp16, never block-quantized."""
+    return [n for n in model.tensor_order() if model.tensors[n].ndim == 1]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +73,9 @@ def mixed(tmp_path_factory):
 def test_every_kind_reads_back_bit_exact(mixed):
     m, d, info = mixed
     w = info["package_checks"]["weights"]
-    assert w["bit_exact"] and w["tensors"] == len(m.linear_names()) == 15
-    assert w["stored_as"] == {"int8": 1, "int4": 7, "lut2": 6, "fp16": 1}
+    assert len(m.linear_names()) == 15 and len(vectors(m)) == 5  # 2 x (2 norms) + the final norm
+    assert w["bit_exact"] and w["tensors"] == len(m.tensor_order()) == 20
+    assert w["stored_as"] == {"int8": 1, "int4": 7, "lut2": 6, "fp16": 1 + 5}
     assert info["tensor_types"] == w["stored_as"]
 
 
@@ -82,12 +97,20 @@ def test_mil_structure_every_linear_compressed_as_requested(mixed):
         assert op.op_type == want, n
         users = {c.op_type for c in op.outputs[0].child_ops}
         assert users <= {"linear", "gather"} and "linear" in users, (n, users)
-    # no float copy of any weight is left: besides the packed weights, the only large consts are the RoPE
-    # tables and the zero bias Core ML's linear op carries for the vocabulary-wide head
+    for n in vectors(m):  # every norm is its own fp16 const, multiplied in
+        op = ops_by_name[cw.const_name(n)]
+        assert op.op_type == "const" and op.outputs[0].dtype == cw._types().fp16, n
+        assert {c.op_type for c in op.outputs[0].child_ops} == {"mul"}, n
+    assert_no_float_copies(prog)
+
+
+def assert_no_float_copies(prog) -> None:
+    """No float copy of any weight is left: besides the packed tensors, the only large consts are the RoPE
+    tables (DecoderNet's ``cos_*`` / ``sin_*`` buffers) and the zero bias Core ML's linear op carries."""
     big = [op for op in cw._ops(prog) if op.op_type == "const" and op.outputs[0].val is not None
-           and np.asarray(op.outputs[0].val).size > 4096 and not op.name.startswith("edgekit__")]
-    assert all("rope" in op.name or ("bias" in op.name and not np.asarray(op.outputs[0].val).any()) for op in big), \
-        [op.name for op in big]
+           and np.asarray(op.outputs[0].val).size > 1024 and not op.name.startswith("edgekit__")]
+    assert all(op.name.startswith(("cos_", "sin_")) or ("bias" in op.name and not np.asarray(op.outputs[0].val).any())
+               for op in big), [op.name for op in big]
 
 
 def _blob(path: Path, offset: int) -> tuple[int, bytes]:
@@ -147,7 +170,7 @@ def test_corrupted_package_fails_read_back(mixed, tmp_path):
     m, d, info = mixed
     pkg = tmp_path / "model.mlpackage"
     shutil.copytree(d / "model.mlpackage", pkg)
-    name = "model.layers.0.self_attn.q_proj.weight"
+    name = L.linear(0, L.Q) + ".weight"
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(pkg))
@@ -158,13 +181,13 @@ def test_corrupted_package_fails_read_back(mixed, tmp_path):
     _, _, _, start = struct.unpack_from("<IIQQ", raw, op.inputs["data"].arguments[0].value.blobFileValue.offset)
     raw[start] ^= 0x11
     wfile.write_bytes(bytes(raw))
-    with pytest.raises(ValidationError, match="q_proj"):
+    with pytest.raises(ValidationError, match=r"layers\.0\.attn\.q\.weight"):
         validate_package(pkg, m, info["context"], tuple(json.loads((d / "coreml_config.json").read_text())["cache_shape"]))
 
 
 def test_unsupported_bit_width_is_refused():
     m = tiny_model()
-    n = "model.layers.0.mlp.up_proj.weight"
+    n = L.linear(0, L.UP) + ".weight"
     w = m.tensors[n]
     m.encodings[n] = BlockQuant(np.zeros(w.shape, np.int8), np.ones((w.shape[0], w.shape[1] // 32), np.float16), 3, 32)
     assert "3-bit" in CoreMLExporter().supports(m)
@@ -188,38 +211,111 @@ def test_interface_matches_runtime_contract(mixed):
     assert {"model.mlpackage", "tokenizer.json", "coreml_config.json"} <= {p.name for p in d.iterdir()}
 
 
+# ---------------------------------------------------------------- every architecture x f16 / q8_0 / int4
+
+# the recipes' passes: f16, Q8_0 (= int8's numbers), and Q4_0 for the int4 container (int4 blocks, the
+# output head Q8_0, as the data-aware int4 recipe stores them; the CLI test below runs that recipe)
+RECIPES = {"f16": "f16", "q8_0": "q8_0", "int4": "q4_0"}
+# int8 storage is in every int4 package too (the output head): full q8_0 runs only for llama by default
+ARCH_MATRIX = [pytest.param(n, q, marks=() if q != "q8_0" or n == "llama" else pytest.mark.slow)
+               for n in NAMES for q in RECIPES]
+
+
+def recipe(name: str, quant: str):
+    from edgekit.registry import PASSES
+
+    m, _ = edgekit_model(name)
+    PASSES.get(RECIPES[quant])().apply(m, PassContext())
+    return m
+
+
+@pytest.mark.parametrize("name,quant", ARCH_MATRIX)
+def test_every_architecture_converts_bit_exact(name, quant, tmp_path):
+    m = recipe(name, quant)
+    s = m.spec
+    assert CoreMLExporter().supports(m) is None
+    info = export(m, tmp_path, context=CTX)
+    checks = info["package_checks"]
+    names, mats, vecs = m.tensor_order(), m.linear_names(), vectors(m)
+    # every tensor read back bit for bit, stored as the recipe says (norms / biases fp16)
+    w = checks["weights"]
+    assert w["bit_exact"] and w["tensors"] == len(names) == len(mats) + len(vecs)
+    want = {"f16": {"fp16": len(names)}, "q8_0": {"int8": len(mats), "fp16": len(vecs)},
+            "int4": {"int4": len(mats) - 1, "int8": 1, "fp16": len(vecs)}}[quant]
+    assert w["stored_as"] == want
+    # interface: the runtime's inputs, output and the two fp16 states
+    io = checks["interface"]
+    cache = [s.num_layers, 1, s.num_kv_heads, CTX, s.head_dim]
+    assert set(io["inputs"]) == {"inputIds", "causalMask"} and set(io["outputs"]) == {"logits"}
+    for st in ("keyCache", "valueCache"):
+        assert io["states"][st] == {"type": "stateType", "dtype": "FLOAT16", "shape": cache, "ranges": []}
+    # structure: one fused attention per layer, both caches written by every layer, one linear per matrix
+    ops = checks["op_counts"]
+    assert ops["scaled_dot_product_attention"] == s.num_layers
+    assert ops["coreml_update_state"] == 2 * s.num_layers
+    assert ops["linear"] == 7 * s.num_layers + 1  # + the output head (tied or not)
+    assert ops.get("constexpr_blockwise_shift_scale", 0) == (0 if quant == "f16" else len(mats))
+    assert ops.get("gelu", 0) == (s.num_layers if s.activation == "gelu_tanh" else 0)
+    assert ops.get("silu", 0) == (s.num_layers if s.activation == "silu" else 0)
+    assert ("range_1d" in ops) == any(s.window(i) for i in range(s.num_layers))  # the in-graph window
+    # every tensor's const is used by the ops its role needs
+    prog, _ = cw.load_program(tmp_path / "model.mlpackage")
+    by_name = {op.name: op for op in cw._ops(prog)}
+    for n in names:
+        op = by_name[cw.const_name(n)]
+        users = {c.op_type for c in op.outputs[0].child_ops}
+        if n in vecs:
+            assert op.op_type == "const" and users == ({"add"} if n.endswith(".bias") else {"mul"}), (n, users)
+        else:
+            assert op.op_type == ("const" if quant == "f16" else "constexpr_blockwise_shift_scale"), n
+            assert users <= {"linear", "gather"} and users, (n, users)
+    assert sum(n.endswith(".bias") for n in vecs) == (3 * s.num_layers if s.attn_bias else 0)
+    assert_no_float_copies(prog)
+    cfg = json.loads((tmp_path / "coreml_config.json").read_text())
+    assert cfg["architecture"] == s.arch and cfg["cache_shape"] == cache
+    assert cfg["layer_windows"] == [s.window(i) for i in range(s.num_layers)]
+    assert set(cfg["storage"]) == set(names)
+
+
 # ---------------------------------------------------------------- the traced module's arithmetic (torch, on Linux)
 
 
-def _llamanet_logits(model, ids):
-    import torch
-
-    from edgekit.torch_llama import LlamaNet
-
-    with torch.inference_mode():
-        return LlamaNet(model).eval()(torch.tensor([ids]))[0].numpy()
+@pytest.mark.parametrize("name", NAMES)
+def test_traced_module_matches_transformers(name):
+    """``reference_logits`` (DecoderNet in stateful mode, the module that is traced) equals transformers on
+    a prefill then step-by-step decoding through its fp16 cache, for every architecture (gemma3's sliding
+    layers included: 40 tokens, window 8); and the traced TorchScript module computes the same, also
+    with chunk sizes other than the trace's."""
+    m, hf = edgekit_model(name)
+    want = hf_logits(hf, IDS)
+    scale = np.abs(want).max()
+    net = ctorch.stateful_net(m, CTX)
+    got = ctorch.reference_logits(m, IDS, CTX, [30] + [1] * 10, net=net)
+    assert np.abs(got - want).max() < 1e-2 * scale  # fp16 K/V cache
+    traced = ctorch.trace(net)
+    assert np.abs(ctorch.reference_logits(m, IDS, CTX, [30] + [1] * 10, net=traced) - got).max() < 1e-5 * scale
+    chunked = ctorch.reference_logits(m, IDS, CTX, [7, 9, 1, 20, 1, 2], net=traced)
+    assert np.abs(chunked - want).max() < 1e-2 * scale
+    if m.spec.sliding_window:  # the window matters here: without it the logits are far off
+        assert any(m.spec.window(i) for i in range(m.spec.num_layers)) and len(IDS) > m.spec.sliding_window
+        full = Model(dataclasses.replace(m.spec, sliding_window=None, layer_types=None), m.tensors, m.tokenizer)
+        assert np.abs(ctorch.reference_logits(full, IDS, CTX) - want).max() > 10 * np.abs(got - want).max()
 
 
 @pytest.mark.parametrize("which", ["uniform", "pruned_lowrank"])
-def test_stateful_module_matches_torch_llama_and_caches(which):
-    """The module traced for Core ML computes what edgekit's torch Llama computes, in one call and step by step
-    through its KV-cache buffers (fp16 cache: 2e-3)."""
+def test_stateful_module_matches_scoring_mode_and_caches(which):
+    """Uneven layers and factor pairs: the stateful module equals DecoderNet's scoring mode (no cache) in one
+    call and step by step through its KV-cache buffers (fp16 cache: 2e-3)."""
     import torch
 
-    from edgekit.converters.coreml_torch import StatefulDecoder, causal_mask
+    from edgekit.architectures.torch_decoder import DecoderNet
 
     m = tiny_model(seed=1) if which == "uniform" else pruned_lowrank_model(rank=32)
     ids = list(range(500, 520))
-    want = _llamanet_logits(m, ids)
-    net = StatefulDecoder(m, 64).eval()
     with torch.inference_mode():
-        full = net(torch.tensor([ids], dtype=torch.int32), torch.from_numpy(causal_mask(0, len(ids))))[0].numpy()
-        net.keyCache.zero_()
-        net.valueCache.zero_()
-        steps = [net(torch.tensor([ids[:12]], dtype=torch.int32), torch.from_numpy(causal_mask(0, 12)))[0].numpy()]
-        for i in range(12, len(ids)):
-            steps.append(net(torch.tensor([[ids[i]]], dtype=torch.int32), torch.from_numpy(causal_mask(i, 1)))[0].numpy())
-    stepped = np.concatenate(steps)
+        want = DecoderNet(m).eval()(torch.tensor([ids]))[0].numpy()
+    full = ctorch.reference_logits(m, ids, CTX)
+    stepped = ctorch.reference_logits(m, ids, CTX, [12] + [1] * 8)
     scale = np.abs(want).max()
     assert np.abs(full - want).max() < 2e-3 * scale
     assert np.abs(stepped - want).max() < 2e-3 * scale
@@ -230,6 +326,7 @@ def test_pruned_and_lowrank_convert_bit_exact(tmp_path):
     info = export(m, tmp_path)
     ops = info["package_checks"]["op_counts"]
     assert info["package_checks"]["weights"]["bit_exact"]
+    assert info["package_checks"]["weights"]["tensors"] == 17 + 5
     assert ops["linear"] == 15 + 2  # each factor pair is two linears
     assert ops["constexpr_blockwise_shift_scale"] == len(m.linear_names()) == 17
     cfg = json.loads((tmp_path / "coreml_config.json").read_text())

@@ -24,10 +24,10 @@ def ctx(**kw) -> PassContext:
 
 
 def logits(model: Model, ids: list[int], effective: bool = True) -> np.ndarray:
-    from edgekit.torch_llama import LlamaNet
+    from edgekit.architectures.torch_decoder import DecoderNet
 
     with torch.inference_mode():
-        return LlamaNet(model, effective=effective)(torch.tensor([ids]))[0].numpy()
+        return DecoderNet(model, effective=effective)(torch.tensor([ids]))[0].numpy()
 
 
 def copy_model(m: Model) -> Model:
@@ -37,7 +37,7 @@ def copy_model(m: Model) -> Model:
 IDS = list(range(100, 140))
 
 
-def test_torch_llama_matches_transformers():
+def test_torch_decoder_matches_transformers():
     from edgekit.reference import TorchReference
 
     m = tiny_model()
@@ -47,7 +47,7 @@ def test_torch_llama_matches_transformers():
 
 def test_prune_removes_parameters_and_equals_masking():
     from edgekit.passes.prune import PrunePass
-    from edgekit.torch_llama import LlamaNet
+    from edgekit.architectures.torch_decoder import DecoderNet
 
     m = tiny_model(intermediate_size=256)
     before = m.num_parameters()
@@ -59,14 +59,14 @@ def test_prune_removes_parameters_and_equals_masking():
         assert w == {"heads": 2, "kv_heads": 2, "intermediate": 192}
     assert pruned.spec.intermediate_size == 192 and pruned.spec.num_heads == 2 and pruned.is_uniform()
     # the physically smaller model computes exactly what the masked full model computes
-    net = LlamaNet(m)
+    net = DecoderNet(m)
     for blk, i in zip(net.blocks, range(m.spec.num_layers)):
-        gate_full, gate_pruned = m.tensors[f"model.layers.{i}.mlp.gate_proj.weight"], pruned.tensors[f"model.layers.{i}.mlp.gate_proj.weight"]
+        gate_full, gate_pruned = m.tensors[f"layers.{i}.mlp.gate.weight"], pruned.tensors[f"layers.{i}.mlp.gate.weight"]
         kept = [int(np.flatnonzero((gate_full == row).all(1))[0]) for row in gate_pruned]
         mask = torch.zeros(gate_full.shape[0])
         mask[kept] = 1
         blk.mlp_mask = mask
-        q_full, q_pruned = m.tensors[f"model.layers.{i}.self_attn.q_proj.weight"], pruned.tensors[f"model.layers.{i}.self_attn.q_proj.weight"]
+        q_full, q_pruned = m.tensors[f"layers.{i}.attn.q.weight"], pruned.tensors[f"layers.{i}.attn.q.weight"]
         hd = m.spec.head_dim
         heads = [int(np.flatnonzero((q_full[::hd] == row).all(1))[0]) for row in q_pruned[::hd]]
         hm = torch.zeros(m.spec.num_heads)
@@ -84,7 +84,7 @@ def test_prune_per_layer_widths_meet_budget():
 
     m = tiny_model(intermediate_size=256, num_layers=4)
     # make layer 0's MLP nearly useless so a global ranking should take more from it
-    m.tensors["model.layers.0.mlp.down_proj.weight"] *= 0.01
+    m.tensors["layers.0.mlp.down.weight"] *= 0.01
     PrunePass(mlp=0.25, uniform=False).apply(m, ctx(options={"per_layer_widths": True}))
     widths = [m.layer_widths(i)["intermediate"] for i in range(4)]
     assert all(w % 32 == 0 and w >= 64 for w in widths)
@@ -126,9 +126,9 @@ def test_lowrank_pass_budget_and_model():
     assert rec["kept_fraction"] <= 0.5 + 1e-9
     for n in m.linear_names():
         assert m.tensors[n].ndim == 2
-    a, b = m.lowrank_factors("model.layers.0.mlp.gate_proj")
+    a, b = m.lowrank_factors("layers.0.mlp.gate")
     assert m.tensors[a].shape[1] == 128 and m.tensors[b].shape[0] == 512 and m.tensors[a].shape[0] % 32 == 0
-    assert "model.layers.0.mlp.gate_proj.weight" not in m.tensors
+    assert "layers.0.mlp.gate.weight" not in m.tensors
     # two matmuls compute what the dense product B @ A would
     merged = copy_model(dense)
     for n in dense.linear_names():
@@ -154,7 +154,7 @@ def test_ternary_three_levels_times_scale():
     m = tiny_model()
     rec = TernaryPass().apply(m, PassContext())
     assert all(isinstance(m.encodings[n], BlockQuant) for n in m.linear_names())
-    assert m.encodings["model.embed_tokens.weight"].bits == 8 and rec["block_sizes"] == {"64": 14}
+    assert m.encodings["embed.weight"].bits == 8 and rec["block_sizes"] == {"64": 14}
 
 
 def test_distillation_lowers_the_loss():
@@ -192,7 +192,7 @@ def test_gguf_refuses_what_llama_cpp_cannot_express():
     from edgekit.passes.prune import PrunePass
 
     m = tiny_model(intermediate_size=256, num_layers=4)
-    m.tensors["model.layers.0.mlp.down_proj.weight"] *= 0.01
+    m.tensors["layers.0.mlp.down.weight"] *= 0.01
     PrunePass(mlp=0.25, uniform=False).apply(m, ctx(options={"per_layer_widths": True}))
     assert "different widths" in GGUFExporter().supports(m)
     m = tiny_model(hidden_size=128, intermediate_size=512, num_heads=8, num_kv_heads=4, head_dim=16)

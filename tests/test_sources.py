@@ -1,4 +1,4 @@
-"""Model sources: a Hugging Face Llama directory and a GGUF file convert, and agree with each other."""
+"""Model sources: a Hugging Face directory and a GGUF file convert, and agree with each other."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from tests.conftest import smollm_tokenizer, tiny_model
 def write_hf_dir(model, d):
     from safetensors.numpy import save_file
 
+    from edgekit import architectures
+
+    arch = architectures.of(model.spec)
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(model.spec.to_hf_config()))
-    save_file(model.tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(arch.to_hf_config(model.spec)))
+    save_file(arch.to_hf_state(model.tensors, model.spec), str(d / "model.safetensors"))
     meta = model.tokenizer
     gguf_to_hf_tokenizer(meta).save(str(d / "tokenizer.json"))
     tokens = meta["tokenizer.ggml.tokens"]["value"]

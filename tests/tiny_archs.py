@@ -117,7 +117,8 @@ def edgekit_model(name: str, seed: int = 0, **overrides):
     spec = arch.spec_from_hf(hf.config.to_dict() | {"model_type": hf.config.model_type})
     state = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arch.sanitize(state, spec).items()}
-    return Model(spec, tensors, dict(smollm_tokenizer()), name=f"tiny-{name}"), hf
+    # llama.cpp gives models named "phi3" Phi-3's special-token attributes, which need Phi-3's vocabulary
+    return Model(spec, tensors, dict(smollm_tokenizer()), name=f"tiny-{name}".replace("phi3", "phi")), hf
 
 
 def hf_logits(hf, ids: list[int]) -> np.ndarray:

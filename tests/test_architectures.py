@@ -1,0 +1,291 @@
+"""Every architecture through every pass and format, against transformers itself.
+
+Tiny random models of each family are built with transformers' own classes (tests/tiny_archs.py), read
+into edgekit through the architecture's ``sanitize``, compressed, exported, and run by each format's own
+runtime: GGUF logits through llama.cpp, ONNX logits through ONNX Runtime (Core ML: tests/test_coreml.py).
+Float exports are compared with transformers directly; quantized ones with transformers' class holding
+the very numbers the pass chose (``TorchReference(model, effective=True)``), and with the float model by KLD.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+
+from edgekit import architectures
+from edgekit.architectures import layout as L
+from edgekit.converters.gguf import GGUFExporter
+from edgekit.converters.gguf_layout import read_gguf_model
+from edgekit.converters.onnx import ONNXExporter
+from edgekit.model import Model
+from edgekit.passes import PassContext
+from edgekit.reference import TorchReference
+from tiny_archs import NAMES, edgekit_model, hf_logits, save_hf_dir
+
+IDS = [int(x) for x in np.random.default_rng(7).integers(100, 4000, 48)]  # longer than gemma3's window (8)
+# (max |logit difference| / max |logit|, top-1 agreement) each runtime meets against the torch oracle
+TOL = {"gguf": (2e-3, 0.95), "onnx": (1e-4, 1.0)}
+# 4- and 8-bit kernels quantize activations (llama.cpp to 8 bits, ONNX Runtime's accuracy_level 4)
+TOL_QUANT = {"gguf": (3e-2, 0.9), "onnx": (3e-2, 0.9)}
+
+
+def calibration() -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    return [[int(x) for x in rng.integers(100, 4000, 64)] for _ in range(4)]
+
+
+def ctx(reference=None) -> PassContext:
+    return PassContext(calibration_tokens=calibration, reference=reference)
+
+
+def clone(m: Model) -> Model:
+    return Model(m.spec, dict(m.tensors), m.tokenizer, m.name, dict(m.encodings))
+
+
+def apply(m: Model, quant: str) -> Model:
+    from edgekit.registry import PASSES
+
+    out = clone(m)
+    PASSES.get(quant)().apply(out, ctx(reference=m))
+    return out
+
+
+def run(fmt: str, model: Model, tmp_path) -> np.ndarray:
+    d = tmp_path / fmt
+    d.mkdir()
+    exporter = {"gguf": GGUFExporter, "onnx": ONNXExporter}[fmt]()
+    assert exporter.supports(model) is None, exporter.supports(model)
+    exporter.export(model, d)
+    if fmt == "gguf":
+        from edgekit.runtimes.llamacpp import LlamaCppSession
+
+        with LlamaCppSession(d / "model.gguf", n_ctx=128) as s:
+            return s.logits(IDS)
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
+
+    with OnnxRuntimeSession(d / "model.onnx", n_ctx=128) as s:
+        return s.logits(IDS)
+
+
+def close(got: np.ndarray, want: np.ndarray, tol: tuple[float, float]) -> tuple[bool, float, float]:
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    return rel <= tol[0] and top1 >= tol[1], rel, top1
+
+
+def kld(got: np.ndarray, want: np.ndarray) -> float:
+    def lsm(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = lsm(want.astype(np.float64)), lsm(got.astype(np.float64))
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+# ---------------------------------------------------------------------- the torch side
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_decoder_and_reference_equal_transformers(name):
+    import torch
+
+    from edgekit.architectures.torch_decoder import DecoderNet
+
+    m, hf = edgekit_model(name)
+    want = hf_logits(hf, IDS)
+    with torch.inference_mode():
+        got = DecoderNet(m)(torch.tensor([IDS]))[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # the float reference rebuilds transformers' class from edgekit's tensors (to_hf_state inverts sanitize)
+    assert np.abs(TorchReference(m).logits(IDS) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_the_architecture_switches_matter():
+    """The oracle tests can fail: dropping one architectural detail changes the logits."""
+    import torch
+
+    from edgekit.architectures.torch_decoder import DecoderNet
+
+    for name, change in (("gemma3", {"sliding_window": None}), ("gemma3", {"embed_scale": 1.0}),
+                         ("qwen3", {"qk_norm": False}), ("phi3", {"partial_rotary": 1.0}),
+                         ("gemma3", {"rope_local_theta": None}), ("llama3", {"rope_scaling": None})):
+        m, hf = edgekit_model(name)
+        want = hf_logits(hf, IDS)
+        broken = clone(m)
+        broken.spec = dataclasses.replace(m.spec, **change)
+        if not broken.spec.qk_norm:
+            broken.tensors = {n: t for n, t in m.tensors.items() if "q_norm" not in n and "k_norm" not in n}
+        with torch.inference_mode():
+            got = DecoderNet(broken)(torch.tensor([IDS]))[0].numpy()
+        assert np.abs(got - want).max() > 1e-3 * np.abs(want).max(), (name, change)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hugging_face_directory_reads_into_the_same_model(name, tmp_path):
+    from edgekit.sources import read_hf_dir
+
+    hf = save_hf_dir(name, tmp_path / name)
+    m = read_hf_dir(tmp_path / name)
+    ref, _ = edgekit_model(name)
+    assert m.spec == ref.spec
+    assert set(m.tensors) == set(L.tensor_names(m.spec))
+    for n in m.tensors:
+        assert np.array_equal(m.tensors[n], ref.tensors[n]), n
+    assert np.abs(TorchReference(m).logits(IDS) - hf_logits(hf, IDS)).max() < 1e-5 * 20
+
+
+# ---------------------------------------------------------------------- GGUF and ONNX against transformers
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@pytest.mark.parametrize("name", NAMES)
+def test_float_export_matches_transformers(name, fmt, tmp_path):
+    m, hf = edgekit_model(name)
+    got = run(fmt, m, tmp_path)
+    ok, rel, top1 = close(got, hf_logits(hf, IDS), TOL[fmt])
+    assert ok, (rel, top1)
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "int4"])
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@pytest.mark.parametrize("name", NAMES)
+def test_quantized_export_matches_its_numbers(name, fmt, quant, tmp_path):
+    m, hf = edgekit_model(name)
+    q = apply(m, quant)
+    got = run(fmt, q, tmp_path)
+    want = TorchReference(q, effective=True).logits(IDS)
+    ok, rel, top1 = close(got, want, TOL_QUANT[fmt] if quant != "f16" else TOL[fmt] if fmt == "gguf" else (2e-4, 1.0))
+    assert ok, (rel, top1)
+    # and the quantized artifact is still the model: small KLD against transformers' float logits
+    assert kld(got, hf_logits(hf, IDS)) < {"f16": 1e-4, "q8_0": 2e-3, "int4": 0.2}[quant]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_reads_back_as_the_same_model(name, tmp_path):
+    m, _ = edgekit_model(name)
+    GGUFExporter().export(m, tmp_path)
+    back = read_gguf_model(tmp_path / "model.gguf")
+    for n, t in m.tensors.items():
+        assert np.array_equal(back.tensors[n], t), n
+    want = architectures.of(m.spec).gguf_arch
+    assert architectures.of(back.spec).gguf_arch == want
+    # float hyper-parameters are float32 in GGUF; rope scaling comes back as the factors llama.cpp reads
+    same = dataclasses.replace(back.spec, rms_norm_eps=m.spec.rms_norm_eps, arch=m.spec.arch,
+                               rope_scaling=m.spec.rope_scaling, extra=m.spec.extra)
+    assert same == dataclasses.replace(m.spec, attn_scale=same.attn_scale) if name == "gemma3" else same == m.spec
+    np.testing.assert_allclose(back.spec.inv_freq(), m.spec.inv_freq(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_int4_numbers_are_the_same_in_gguf_and_onnx(name, tmp_path):
+    """One pass decides the integers; both exporters only pack them: bit for bit the same weights."""
+    import onnx
+
+    from edgekit.converters.onnx import read_matrices
+
+    m, _ = edgekit_model(name)
+    q = apply(m, "int4")
+    GGUFExporter().export(q, tmp_path)
+    ONNXExporter().export(q, tmp_path)
+    g = read_gguf_model(tmp_path / "model.gguf")  # dequantized, un-permuted, un-fused
+    o = read_matrices(onnx.load(str(tmp_path / "model.onnx")))
+    for n in q.linear_names():
+        want = q.effective_weight(n)
+        assert np.array_equal(g.tensors[n], want), n
+        assert np.array_equal(o[n], want), n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_incremental_decode_equals_transformers_greedy(name, tmp_path):
+    """Prefill, then one token at a time through the in-place cache (sliding windows included)."""
+    import torch
+
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
+
+    m, hf = edgekit_model(name)
+    ONNXExporter().export(m, tmp_path)
+    prompt = IDS[:6]
+    with torch.inference_mode():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False)[0, len(prompt):].tolist()
+    with OnnxRuntimeSession(tmp_path / "model.onnx", n_ctx=64) as s:
+        got = list(s.stream_tokens(prompt, 14, ignore_eos=True))
+    assert got == want
+
+
+# ---------------------------------------------------------------------- structural passes on every architecture
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prune_with_recovery_exports_everywhere_it_fits(name, tmp_path):
+    from edgekit.passes.prune import PrunePass
+
+    m, _ = edgekit_model(name)
+    pruned = clone(m)
+    heads = 0.5 if m.spec.num_heads // m.spec.num_kv_heads > 1 else 0.0
+    rec = PrunePass(mlp=0.25, heads=heads, recover=4).apply(pruned, ctx(reference=m))
+    assert rec["parameters_after"] < rec["parameters_before"]
+    assert pruned.spec.intermediate_size == m.spec.intermediate_size - 32
+    for i in range(m.spec.num_layers):  # biases were sliced with their rows
+        b = L.linear(i, L.Q) + ".bias"
+        if b in pruned.tensors:
+            assert pruned.tensors[b].shape[0] == pruned.tensors[L.linear(i, L.Q) + ".weight"].shape[0]
+    want = TorchReference(pruned).logits(IDS)
+    for fmt in ("gguf", "onnx"):
+        ok, rel, top1 = close(run(fmt, pruned, tmp_path), want, TOL[fmt] if fmt == "gguf" else (2e-4, 1.0))
+        assert ok, (fmt, rel, top1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lowrank_goes_to_onnx_and_gguf_refuses_in_one_line(name, tmp_path):
+    import torch
+
+    from edgekit.architectures.torch_decoder import DecoderNet
+    from edgekit.passes.lowrank import LowRankPass
+
+    m, _ = edgekit_model(name)
+    lr = clone(m)
+    rec = LowRankPass(rank=0.5).apply(lr, ctx())
+    assert lr.is_factorized(), rec
+    with torch.inference_mode():
+        want = DecoderNet(lr)(torch.tensor([IDS]))[0].numpy()
+    ok, rel, top1 = close(run("onnx", lr, tmp_path), want, (2e-4, 1.0))
+    assert ok, (rel, top1)
+    why = GGUFExporter().supports(lr)
+    assert why and "low-rank" in why and "\n" not in why
+
+
+def test_format_refusals_are_one_line():
+    m, _ = edgekit_model("gemma3")
+    odd = clone(m)
+    odd.spec = dataclasses.replace(m.spec, attn_scale=0.1)
+    why = GGUFExporter().supports(odd)
+    assert why and "sqrt(head_dim)" in why and "\n" not in why
+    assert ONNXExporter().supports(odd) is None  # ONNX takes any softmax scale
+
+
+def test_unknown_architectures_are_one_line(tmp_path):
+    import json
+
+    from edgekit.errors import UnsupportedArchitectureError
+    from edgekit.sources import read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        read_hf_config(tmp_path)
+    assert "mamba" in e.value.one_line() and "qwen3" in e.value.one_line()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3", "rope_scaling": {
+        "type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "hidden_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10}))
+    with pytest.raises(Exception) as e:
+        architectures.get("phi3").spec_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    assert "LongRoPE" in str(e.value)
+
+
+def test_registry_lists_every_architecture():
+    assert set(architectures.names("decoder")) >= {"llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"}
+    assert architectures.get("bert").kind == "encoder"
+    assert architectures.for_gguf_arch("llama").name == "llama"  # a Mistral GGUF reads as Llama
+    assert architectures.for_hf_model_type("gemma3_text").name == "gemma3"
