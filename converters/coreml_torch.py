@@ -39,7 +39,8 @@ from edgekit.architectures.torch_decoder import STATES, DecoderNet
 from edgekit.model import Model
 from edgekit.runtimes.coreml import causal_mask
 
-__all__ = ["STATES", "causal_mask", "weight_names", "cache_shape", "stateful_net", "trace", "reference_logits"]
+__all__ = ["STATES", "causal_mask", "weight_names", "cache_shape", "stateful_net", "trace", "reference_logits",
+           "as_stored"]
 
 
 def weight_names(model: Model) -> list[str]:
@@ -93,3 +94,10 @@ def reference_logits(model: Model, ids: list[int], ctx: int, chunks: list[int] |
             out.append(net(x, torch.from_numpy(causal_mask(past, n)))[0].float().numpy())
             past += n
     return np.concatenate(out)
+
+
+def as_stored(model: Model) -> Model:
+    """The float model the package computes with: every tensor as stored (block encodings dequantized),
+    rounded to fp16 like everything in an fp16 ML program (norms and biases included)."""
+    tensors = {n: model.effective_weight(n).astype(np.float16).astype(np.float32) for n in model.tensors}
+    return Model(model.spec, tensors, model.tokenizer, model.name)

@@ -68,6 +68,8 @@ def runtime_config(model: Model, shapes: list[dict[str, int]]) -> dict[str, Any]
         # llama.cpp renders control tokens as nothing when detokenizing; the runtime does the same
         "control_token_ids": [i for i, t in enumerate(types) if t == 3],
         "chat_template": _meta(tok, "tokenizer.chat_template"),
+        # "gpt2" (byte-level BPE) or "llama" (SentencePiece): how token text maps to bytes
+        "tokenizer_model": _meta(tok, "tokenizer.ggml.model", "gpt2"),
         "inputs": ["input_ids", "seqlens_k", "total_sequence_length", "num_logits"]
                   + [f"past_{kv}_{i}" for i in range(s.num_layers) for kv in ("key", "value")],
         "outputs": ["logits"] + [f"present_{kv}_{i}" for i in range(s.num_layers) for kv in ("key", "value")],

@@ -69,7 +69,12 @@ def source_tokenizer(source: Source) -> Callable[[str], list[int]]:
         return LlamaCppSession(source.gguf_file, vocab_only=True).tokenize
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(source.path / "tokenizer.json"))
+    if (source.path / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(source.path / "tokenizer.json"))
+    else:  # only a SentencePiece tokenizer.model: transformers builds the fast tokenizer from it
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(source.path), use_fast=True).backend_tokenizer
     return lambda text: tok.encode(text, add_special_tokens=False).ids
 
 
@@ -120,7 +125,7 @@ def convert(model: str | None = None, format: str = "gguf", quant: str | None = 
 
     if is_encoder(model):  # BERT sentence encoders: their own recipes, exporter and cosine validation
         if recipe is not None and (len(recipe.passes) > 1 or recipe.structural):
-            raise EdgekitError("pruning / low-rank / recovery recipes are implemented for Llama decoders, not encoders",
+            raise EdgekitError("pruning / low-rank / recovery recipes are implemented for decoders, not encoders",
                                "convert the encoder with --quant only")
         if format == "coreml":
             from edgekit.converters.coreml_encoder import convert_encoder

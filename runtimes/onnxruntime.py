@@ -84,6 +84,27 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+_BYTE_DECODER = _byte_decoder()
+
+
+def _bytelevel_bytes(text: str) -> bytes:
+    """A byte-level BPE token's bytes (a user-defined added token that is not byte-level: its own text)."""
+    try:
+        return bytes(_BYTE_DECODER[c] for c in text)
+    except KeyError:
+        return text.encode("utf-8")
+
+
+def _spm_bytes(text: str) -> bytes:
+    """A SentencePiece token's bytes, as llama.cpp renders it: "▁" is a space, ``<0xNN>`` one byte."""
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        try:
+            return bytes([int(text[3:5], 16)])
+        except ValueError:
+            pass
+    return text.replace("\u2581", " ").encode("utf-8")
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."
@@ -168,17 +189,13 @@ class OnnxRuntimeSession(TextSession):
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:
             raise InputError(f"{path} is missing or unreadable ({_one_line(exc)})", "re-export the model") from None
-        dec = _byte_decoder()
         control = set(self.config.get("control_token_ids", []))
         vocab = self._tok.get_vocab(with_added_tokens=True)
         table: list[bytes] = [b""] * (max(vocab.values()) + 1 if vocab else 0)
+        piece = _spm_bytes if self.config.get("tokenizer_model") == "llama" else _bytelevel_bytes
         for text, i in vocab.items():
-            if i in control:
-                continue
-            try:
-                table[i] = bytes(dec[c] for c in text)
-            except KeyError:  # not a byte-level string (a user-defined added token): its own text
-                table[i] = text.encode("utf-8")
+            if i not in control:
+                table[i] = piece(text)
         self._bytes = table
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:

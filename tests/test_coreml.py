@@ -213,19 +213,17 @@ def test_interface_matches_runtime_contract(mixed):
 
 # ---------------------------------------------------------------- every architecture x f16 / q8_0 / int4
 
-# the recipes' passes: f16, Q8_0 (= int8's numbers), and Q4_0 for the int4 container (int4 blocks, the
-# output head Q8_0, as the data-aware int4 recipe stores them; the CLI test below runs that recipe)
-RECIPES = {"f16": "f16", "q8_0": "q8_0", "int4": "q4_0"}
-# int8 storage is in every int4 package too (the output head): full q8_0 runs only for llama by default
+QUANTS = ("f16", "q8_0", "int4")  # the recipes' own passes (int4: GPTQ into int4 blocks, the output head Q8_0)
+# int8 storage is in every int4 package too (the output head): full q8_0 runs by default only for llama
 ARCH_MATRIX = [pytest.param(n, q, marks=() if q != "q8_0" or n == "llama" else pytest.mark.slow)
-               for n in NAMES for q in RECIPES]
+               for n in NAMES for q in QUANTS]
 
 
 def recipe(name: str, quant: str):
     from edgekit.registry import PASSES
 
     m, _ = edgekit_model(name)
-    PASSES.get(RECIPES[quant])().apply(m, PassContext())
+    PASSES.get(quant)().apply(m, PassContext(calibration_tokens=lambda: [list(range(100, 132))]))
     return m
 
 
@@ -436,24 +434,23 @@ def test_encoder_embeddings_match_reference_on_macos(tiny_bert, tmp_path):  # no
 
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="needs Core ML's runtime, which exists only on macOS")
-@pytest.mark.parametrize("kind", ["f16", "int4", "int8", "ternary"])
-def test_coreml_logits_match_torch_module(tmp_path, kind):
-    """Core ML's logits (one call, chunked prefill, and decoding through the state) equal the traced module's
-    on the same effective weights, within fp16 arithmetic."""
-    from edgekit.converters.coreml_torch import reference_logits
-    from edgekit.model import Model
+@pytest.mark.parametrize("name,kind", [(n, k) for n in NAMES for k in ("f16", "int4")]
+                         + [("llama", "int8"), ("llama", "ternary")])
+def test_coreml_logits_match_traced_module(tmp_path, name, kind):
+    """Core ML's logits (chunked prefill through the state, then decoding) equal the traced module's on the
+    weights as the package stores them, within fp16 arithmetic, for every architecture."""
     from edgekit.runtimes.coreml import CoreMLSession
 
-    m = encode(tiny_model(seed=2), lambda n: "int8" if "embed" in n else kind)
-    export(m, tmp_path)
-    eff = Model(m.spec, {n: m.effective_weight(n) if t.ndim == 2 else t for n, t in m.tensors.items()}, m.tokenizer)
-    ids = list(range(300, 340))
-    want = reference_logits(eff, ids, 64)
+    m, _ = edgekit_model(name, seed=2)
+    encode(m, lambda n: "int8" if n in (L.EMBED, L.HEAD) else kind)
+    export(m, tmp_path, context=CTX)
+    stored = ctorch.as_stored(m)
+    want = ctorch.reference_logits(stored, IDS, CTX)
     with CoreMLSession(tmp_path / "model.mlpackage", compute_units="cpu_only", n_batch=16) as s:
-        got = s.logits(ids)
-        toks = list(s.stream_tokens(ids[:5], 4, ignore_eos=True))
+        got = s.logits(IDS)  # three calls through the state: 16 + 16 + 8 tokens
+        toks = list(s.stream_tokens(IDS[:5], 4, ignore_eos=True))
     assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
-    assert toks[0] == int(reference_logits(eff, ids[:5], 64)[-1].argmax())
+    assert toks[0] == int(ctorch.reference_logits(stored, IDS[:5], CTX)[-1].argmax())
 
 
 @pytest.mark.macos
@@ -465,11 +462,11 @@ def test_cli_convert_validates_on_macos(converted):
 
 @pytest.mark.e2e
 def test_default_model_int4_coreml(tmp_path):
-    """SmolLM2 at int4 (~2 min, 2.5 GB peak): every tensor stored as the recipe says, bit for bit."""
+    """SmolLM2 at int4 (~2-4 min, 2.5 GB peak): every tensor stored as the recipe says, bit for bit."""
     from edgekit.convert import convert
 
     manifest = convert(None, "coreml", "int4", tmp_path / "out")
     checks = manifest["artifact"]["package_checks"]["weights"]
-    assert checks["bit_exact"] and checks["tensors"] == 211
-    assert set(checks["stored_as"]) <= {"int4", "int8"}
+    assert checks["bit_exact"] and checks["tensors"] == 211 + 61  # 30 x 7 matrices + the embedding; 30 x 2 + 1 norms
+    assert set(checks["stored_as"]) <= {"int4", "int8", "fp16"} and checks["stored_as"]["fp16"] == 61
     assert manifest["size_bytes"] < 120e6

@@ -112,7 +112,7 @@ class Int4Pass(Pass):
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         from edgekit.passes.rtn import quantize_q4_0
-        from edgekit.architectures.layout import input_key
+        from edgekit.architectures.layout import input_key, is_linear_weight
         from edgekit.architectures.torch_decoder import collect_input_grams
 
         if ctx.calibration_tokens is None:
@@ -125,6 +125,10 @@ class Int4Pass(Pass):
             w = model.tensors[n]
             if is_output_head(model, n):
                 model.encodings[n] = quantize_q8_0(w)
+                continue
+            if not is_linear_weight(n):
+                # an untied input embedding is a lookup: no input statistics to compensate with
+                model.encodings[n] = quantize_q4_0(w)
                 continue
             H = hessians[input_key(n)]
             bq = gptq_quantize(w, H, damp=float(self.params.get("damp", 0.01)))
