@@ -330,3 +330,39 @@ def test_k_quant_gguf_source_converts(tmp_path):
     assert 0 < err < 0.2  # dequantized K-quant values: close to the original, not equal
     manifest = convert(str(src), "onnx", "f16", tmp_path / "out", eval_tokens=512)
     assert manifest["validation"]["passed"] and manifest["quality"]["kld_mean"] < 1e-3
+
+
+# ---------------------------------------------------------------------- real tokenizers of each family, end to end
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@pytest.mark.parametrize("name,tokenizer", [("llama", "spm"), ("gemma3", "spm-gemma"), ("qwen3", "qwen2"),
+                                            ("phi3", "spm-json")])
+def test_hugging_face_directory_with_its_own_tokenizer_converts(name, tokenizer, fmt, tmp_path):
+    """SentencePiece (Llama 2 style with tokenizer.model, Gemma style without a dummy prefix, Llama style
+    from tokenizer.json alone) and Qwen's byte-level BPE: the conversion's validation checks that the
+    artifact's runtime tokenizes the evaluation text exactly as the source's Hugging Face tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from edgekit.convert import convert
+    from edgekit.session import load
+    from tiny_tokenizers import qwen_tokenizer_dir, spm_tokenizer_dir
+
+    tok = tmp_path / "tok"
+    if tokenizer == "qwen2":
+        vocab = qwen_tokenizer_dir(tok)
+    else:
+        gemma = tokenizer == "spm-gemma"
+        vocab = spm_tokenizer_dir(tok, add_dummy_prefix=not gemma, style="gemma" if gemma else "llama",
+                                  sentencepiece_model=tokenizer != "spm-json")
+    src = tmp_path / f"tiny-{name}".replace("phi3", "phi")  # llama.cpp keys Phi-3 token attributes on the name
+    save_hf_dir(name, src, tokenizer_dir=tok, vocab_size=vocab)
+    manifest = convert(str(src), fmt, "f16", tmp_path / "out", eval_tokens=512)
+    assert manifest["validation"]["passed"]
+    assert manifest["quality"]["kld_mean"] < 1e-3
+    hf_tok = AutoTokenizer.from_pretrained(str(src))
+    text = "def f(x):\n    return x + 12345  # héllo"
+    with load(tmp_path / "out") as s:
+        ids = s.tokenize(text)
+        assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert s.detokenize(ids).lstrip() == text  # SentencePiece renders the dummy prefix as a space

@@ -92,8 +92,11 @@ def gguf_facts(path: Path) -> ArtifactFacts:
     default_head = hidden // heads[0] if heads and heads[0] else 0  # attention-free layers (recurrent) have 0 heads
     k_len = int(_meta(reader, f"{arch}.attention.key_length", default_head))
     v_len = int(_meta(reader, f"{arch}.attention.value_length", default_head))
+    from edgekit.architectures.base import gguf_name
+
     names = {t.name for t in reader.tensors}
-    tied = "output.weight" not in names
+    embd_name = gguf_name("TOKEN_EMBD")
+    tied = gguf_name("OUTPUT") not in names
     # mixture of experts: a decoded token reads only the routed experts of each *_exps tensor
     n_expert = int(_meta(reader, f"{arch}.expert_count", 0) or 0)
     n_used = int(_meta(reader, f"{arch}.expert_used_count", 0) or 0)
@@ -103,7 +106,7 @@ def gguf_facts(path: Path) -> ArtifactFacts:
     params_by_type: dict[str, int] = {}
     for t in reader.tensors:
         typ = t.tensor_type.name
-        if t.name in _GATHERED or (t.name == "token_embd.weight" and not tied):
+        if t.name in _GATHERED or (t.name == embd_name and not tied):
             continue
         frac = expert_frac if "_exps." in t.name else 1.0
         bytes_by_type[typ] = bytes_by_type.get(typ, 0) + int(int(t.n_bytes) * frac)
@@ -113,7 +116,7 @@ def gguf_facts(path: Path) -> ArtifactFacts:
     # QK^T (key length) and attention-weighted V (value length): 2 FLOPs each, per head, per context token
     attn = 2 * sum(heads) * (k_len + v_len)
     tokens = reader.get_field("tokenizer.ggml.tokens")
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embd = next((t for t in reader.tensors if t.name == embd_name), None)
     vocab = _meta(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None) or \
         (int(embd.shape[-1]) if embd is not None and len(embd.shape) == 2 else 0)
     return ArtifactFacts(
