@@ -44,6 +44,7 @@ bench: setup
 	$(PY) benchmarks/bench_onnx.py --out out/bench-onnx
 	$(PY) benchmarks/bench_encoder.py --out out/bench-encoder
 	$(PY) benchmarks/bench_recipes.py --out out/bench-recipes
+	$(PY) benchmarks/bench_architectures.py
 
 clean:
 	rm -rf out build dist *.egg-info

@@ -234,6 +234,21 @@ def _role(model: Model, name: str) -> str:
     return "bias" if name.endswith(".bias") else "norm"
 
 
+def identity_tensors(model: Model) -> list[str]:
+    """1-D tensors that change nothing (norm multipliers all 1, biases all 0, in fp16): coremltools' no-op
+    elimination removes the ``mul`` / ``add`` that uses them, so the package may hold no const for them."""
+    from edgekit.converters.coreml_torch import weight_names
+
+    out = []
+    for n in weight_names(model):
+        role = _role(model, n)
+        if role in ("norm", "bias"):
+            v = model.tensors[n].astype(np.float16)
+            if np.all(v == (1 if role == "norm" else 0)):
+                out.append(n)
+    return out
+
+
 def check_structure(prog, model: Model) -> list[str]:
     """What differs from the program the traced DecoderNet must give (empty when nothing): one fused
     attention op per layer, both states read and written by every layer, one ``linear`` per matrix
@@ -275,7 +290,13 @@ def validate_package(package: Path, model: Model, ctx: int, cache: tuple[int, ..
     if bad_io:
         raise ValidationError(package.name, "inputs/outputs/states differing from the runtime's contract", len(bad_io), 0,
                               "; ".join(bad_io[:3]))
-    weights = cw.require_bit_exact(package.name, prog, model, weight_names(model))
+    # a no-op tensor may be gone with the op that used it: the program computes exactly edgekit's numbers
+    # without it; every other tensor must be there, bit for bit
+    identity = identity_tensors(model)
+    present = cw.read_back(prog, identity)
+    elided = [n for n in identity if n not in present]
+    weights = cw.require_bit_exact(package.name, prog, model, [n for n in weight_names(model) if n not in elided])
+    weights["elided_identity"] = elided
     bad_ops = check_structure(prog, model)
     if bad_ops:
         raise ValidationError(package.name, "program structure differing from the traced decoder's", len(bad_ops), 0,

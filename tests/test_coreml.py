@@ -29,6 +29,8 @@ from edgekit.converters.coreml import CoreMLExporter  # noqa: E402
 
 CTX = 64  # the KV-cache length of the test packages (tiny: conversion time does not depend on it much)
 IDS = list(range(300, 340))  # 40 tokens: longer than gemma3's sliding window (8)
+# every architecture, plus Mistral with its sliding window on every layer (tiny_archs' Mistral has none)
+ARCHS = [pytest.param(n, {}, id=n) for n in NAMES] + [pytest.param("mistral", {"sliding_window": 8}, id="mistral-window")]
 
 
 def encode(model, kind_of):
@@ -185,6 +187,22 @@ def test_corrupted_package_fails_read_back(mixed, tmp_path):
         validate_package(pkg, m, info["context"], tuple(json.loads((d / "coreml_config.json").read_text())["cache_shape"]))
 
 
+def test_equal_tensors_each_keep_their_own_const(tmp_path):
+    """Equal norms (128 values: what coremltools' deduplication would merge) and two equal matrices are each
+    stored under their own name; all-ones norms (an untrained model's) go with their no-op multiply, and the
+    read-back says so instead of failing."""
+    m = tiny_model(hidden_size=128)
+    norms = vectors(m)
+    for n in norms[1:3]:
+        m.tensors[n] = m.tensors[norms[0]].copy()
+    for n in norms[3:]:
+        m.tensors[n] = np.ones_like(m.tensors[n])
+    m.tensors[L.linear(1, L.UP) + ".weight"] = m.tensors[L.linear(1, L.GATE) + ".weight"].copy()
+    encode(m, lambda n: "f16")
+    w = export(m, tmp_path, context=CTX)["package_checks"]["weights"]
+    assert w["bit_exact"] and w["tensors"] == 20 - 2 and w["elided_identity"] == norms[3:]
+
+
 def test_unsupported_bit_width_is_refused():
     m = tiny_model()
     n = L.linear(0, L.UP) + ".weight"
@@ -211,25 +229,47 @@ def test_interface_matches_runtime_contract(mixed):
     assert {"model.mlpackage", "tokenizer.json", "coreml_config.json"} <= {p.name for p in d.iterdir()}
 
 
+def test_runtime_session_reads_the_config_on_any_os(mixed, tmp_path):
+    """The session needs only coreml_config.json and tokenizer.json (vocab_only works on Linux); the names it
+    feeds are the exporter's and DecoderNet's; a config it does not know is one clear error."""
+    import shutil
+
+    from edgekit.converters import coreml as exporter
+    from edgekit.errors import InputError
+    from edgekit.runtimes import coreml as rt
+
+    m, d, _ = mixed
+    assert tuple(exporter.STATES) == ctorch.STATES and tuple(exporter.INPUTS) == (rt.INPUT_IDS, rt.CAUSAL_MASK)
+    with rt.CoreMLSession(d / "model.mlpackage", vocab_only=True) as s:
+        assert s.n_vocab == m.spec.vocab_size and s.tokenize("Hello") and s._inputs == exporter.INPUTS
+    shutil.copytree(d / "model.mlpackage", tmp_path / "model.mlpackage")
+    shutil.copy(d / "tokenizer.json", tmp_path / "tokenizer.json")
+    cfg = json.loads((d / "coreml_config.json").read_text())
+    assert cfg["version"] == 2 and cfg["architecture"] == "llama" and cfg["layer_windows"] == [None, None]
+    (tmp_path / "coreml_config.json").write_text(json.dumps(cfg | {"version": 99}))
+    with pytest.raises(InputError, match="version 99"):
+        rt.CoreMLSession(tmp_path / "model.mlpackage", vocab_only=True)
+
+
 # ---------------------------------------------------------------- every architecture x f16 / q8_0 / int4
 
 QUANTS = ("f16", "q8_0", "int4")  # the recipes' own passes (int4: GPTQ into int4 blocks, the output head Q8_0)
 # int8 storage is in every int4 package too (the output head): full q8_0 runs by default only for llama
-ARCH_MATRIX = [pytest.param(n, q, marks=() if q != "q8_0" or n == "llama" else pytest.mark.slow)
-               for n in NAMES for q in QUANTS]
+ARCH_MATRIX = [pytest.param(n, {}, q, id=f"{n}-{q}", marks=() if q != "q8_0" or n == "llama" else pytest.mark.slow)
+               for n in NAMES for q in QUANTS] + [pytest.param("mistral", {"sliding_window": 8}, "int4", id="mistral-window-int4")]
 
 
-def recipe(name: str, quant: str):
+def recipe(name: str, overrides: dict, quant: str):
     from edgekit.registry import PASSES
 
-    m, _ = edgekit_model(name)
+    m, _ = edgekit_model(name, **overrides)
     PASSES.get(quant)().apply(m, PassContext(calibration_tokens=lambda: [list(range(100, 132))]))
     return m
 
 
-@pytest.mark.parametrize("name,quant", ARCH_MATRIX)
-def test_every_architecture_converts_bit_exact(name, quant, tmp_path):
-    m = recipe(name, quant)
+@pytest.mark.parametrize("name,overrides,quant", ARCH_MATRIX)
+def test_every_architecture_converts_bit_exact(name, overrides, quant, tmp_path):
+    m = recipe(name, overrides, quant)
     s = m.spec
     assert CoreMLExporter().supports(m) is None
     info = export(m, tmp_path, context=CTX)
@@ -278,13 +318,13 @@ def test_every_architecture_converts_bit_exact(name, quant, tmp_path):
 # ---------------------------------------------------------------- the traced module's arithmetic (torch, on Linux)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_traced_module_matches_transformers(name):
+@pytest.mark.parametrize("name,overrides", ARCHS)
+def test_traced_module_matches_transformers(name, overrides):
     """``reference_logits`` (DecoderNet in stateful mode, the module that is traced) equals transformers on
     a prefill then step-by-step decoding through its fp16 cache, for every architecture (gemma3's sliding
     layers included: 40 tokens, window 8); and the traced TorchScript module computes the same, also
     with chunk sizes other than the trace's."""
-    m, hf = edgekit_model(name)
+    m, hf = edgekit_model(name, **overrides)
     want = hf_logits(hf, IDS)
     scale = np.abs(want).max()
     net = ctorch.stateful_net(m, CTX)
@@ -434,14 +474,15 @@ def test_encoder_embeddings_match_reference_on_macos(tiny_bert, tmp_path):  # no
 
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="needs Core ML's runtime, which exists only on macOS")
-@pytest.mark.parametrize("name,kind", [(n, k) for n in NAMES for k in ("f16", "int4")]
-                         + [("llama", "int8"), ("llama", "ternary")])
-def test_coreml_logits_match_traced_module(tmp_path, name, kind):
+@pytest.mark.parametrize("name,overrides,kind",
+                         [pytest.param(*a.values, k, id=f"{a.id}-{k}") for a in ARCHS for k in ("f16", "int4")]
+                         + [pytest.param("llama", {}, k, id=f"llama-{k}") for k in ("int8", "ternary")])
+def test_coreml_logits_match_traced_module(tmp_path, name, overrides, kind):
     """Core ML's logits (chunked prefill through the state, then decoding) equal the traced module's on the
     weights as the package stores them, within fp16 arithmetic, for every architecture."""
     from edgekit.runtimes.coreml import CoreMLSession
 
-    m, _ = edgekit_model(name, seed=2)
+    m, _ = edgekit_model(name, seed=2, **overrides)
     encode(m, lambda n: "int8" if n in (L.EMBED, L.HEAD) else kind)
     export(m, tmp_path, context=CTX)
     stored = ctorch.as_stored(m)
