@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from edgekit.harness.quality import EvalConfig, compare, reference_stats, windows
+from edgekit.harness.quality import EvalConfig, reference_stats, score_session, windows
 from edgekit.model import Model
 
 
@@ -24,13 +24,4 @@ def measure_quality(session: Any, reference: Model, reference_id: str, text: str
 
     tick = (lambda d, t: progress("reference logits", d, t)) if progress else None
     ref = reference_stats(reference_id, wins, ref_logits, cfg.topk, tick)
-
-    def model_logits():
-        for i, w in enumerate(wins):
-            yield session.logits(w)
-            if progress:
-                progress("artifact logits", i + 1, len(wins))
-
-    result = compare(ref, model_logits(), wins)
-    result.update({"text": label, "window": cfg.ctx, "topk": cfg.topk})
-    return result
+    return score_session(session, ref, wins, cfg, label, progress)

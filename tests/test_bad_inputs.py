@@ -57,29 +57,25 @@ def test_random_bytes_gguf(tmp_path):
     assert not out.exists()
 
 
-def test_unsupported_architecture_gguf(tmp_path):
-    path = tmp_path / "mamba.gguf"
-    w = gguf.GGUFWriter(str(path), "mamba")
+def _stub_gguf(path, arch: str):
+    """A GGUF with one layer count and one tensor: enough header for the architecture checks."""
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    proc = run_cli("convert", str(path), "-o", str(tmp_path / "out"))
+    return path
+
+
+def test_unsupported_architecture_gguf(tmp_path):
+    proc = run_cli("convert", str(_stub_gguf(tmp_path / "mamba.gguf", "mamba")), "-o", str(tmp_path / "out"))
     assert_one_line_error(proc, "architecture 'mamba' is not supported", "convertible: gemma3, llama, phi3, qwen2, qwen3")
 
 
 def test_supported_architecture_with_missing_metadata_gguf(tmp_path):
-    path = tmp_path / "qwen.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    proc = run_cli("convert", str(path), "-o", str(tmp_path / "out"))
+    proc = run_cli("convert", str(_stub_gguf(tmp_path / "qwen.gguf", "qwen2")), "-o", str(tmp_path / "out"))
     assert_one_line_error(proc, "qwen2.attention.head_count is missing")
 
 

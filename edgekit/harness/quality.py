@@ -181,14 +181,20 @@ def quality_between(open_model: Callable[[], Any], open_reference: Callable[[], 
 
     session = open_model()
     try:
-        def model_logits():
-            for i, w in enumerate(wins):
-                yield session.logits(w)
-                if progress:
-                    progress("artifact logits", i + 1, len(wins))
-
-        result = compare(ref, model_logits(), wins)
+        return score_session(session, ref, wins, cfg, label, progress)
     finally:
         session.close()
+
+
+def score_session(session: Any, ref: Any, wins: list[list[int]], cfg: "EvalConfig", label: str,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Statistics of ``session``'s logits on ``wins`` against the reference statistics ``ref``."""
+    def model_logits():
+        for i, w in enumerate(wins):
+            yield session.logits(w)
+            if progress:
+                progress("artifact logits", i + 1, len(wins))
+
+    result = compare(ref, model_logits(), wins)
     result.update({"text": label, "window": cfg.ctx, "topk": cfg.topk})
     return result
