@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from edgekit.architectures.base import Architecture
 from edgekit.architectures.spec import DecoderSpec
-from edgekit.errors import UnsupportedArchitectureError
+from edgekit.errors import UnknownPluginError, UnsupportedArchitectureError
 from edgekit.registry import Registry
 
 ARCHITECTURES = Registry("architecture", "edgekit.architectures")
@@ -18,7 +18,7 @@ ARCHITECTURES = Registry("architecture", "edgekit.architectures")
 def get(name: str) -> Architecture:
     try:
         return ARCHITECTURES.get(name)
-    except Exception:
+    except UnknownPluginError:
         raise UnsupportedArchitectureError(f"architecture '{name}' is not supported",
                                            f"supported: {', '.join(names())}") from None
 
