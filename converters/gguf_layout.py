@@ -68,8 +68,20 @@ def gguf_architecture(reader, path: Path):
 def spec_from_reader(reader, path: Path) -> DecoderSpec:
     from edgekit.architectures.base import GGUFMeta
 
+    from edgekit.errors import EdgekitError
+
     arch = gguf_architecture(reader, path)
-    return arch.spec_from_gguf(GGUFMeta(reader, arch.gguf_arch, Path(path).name))
+    try:
+        spec = arch.spec_from_gguf(GGUFMeta(reader, arch.gguf_arch, Path(path).name))
+    except EdgekitError:
+        raise
+    except Exception as exc:  # metadata of the wrong type or value (a list where a count belongs, a zero...)
+        raise InputError(f"{Path(path).name}: unusable {arch.gguf_arch} metadata ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})", "the GGUF is corrupt or from an unsupported variant") from None
+    if spec.num_heads <= 0 or spec.num_kv_heads <= 0 or spec.num_heads % spec.num_kv_heads:
+        raise InputError(f"{Path(path).name}: {spec.num_heads} heads and {spec.num_kv_heads} KV heads do not make a "
+                         "grouped-query model", "the GGUF is corrupt")
+    return spec
 
 
 def tokenizer_from_reader(reader) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgekit.cache import cache_dir, sha256_file, sha256_files
 from edgekit.architectures.spec import DecoderSpec
-from edgekit.errors import InputError, MissingDependencyError, UnsupportedArchitectureError
+from edgekit.errors import EdgekitError, InputError, MissingDependencyError, UnsupportedArchitectureError
 from edgekit.model import Model
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -109,6 +109,11 @@ def _read_source(source: Source, progress=None) -> Model:
     return read_hf_dir(source.path)
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def read_hf_config(path: Path) -> dict[str, Any]:
     """config.json with every default filled in by transformers' own config class of the architecture."""
     from edgekit import architectures
@@ -126,8 +131,8 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
     try:
         cfg = getattr(transformers, arch.hf_config_class)(**{k: v for k, v in raw.items() if k != "model_type"}).to_dict()
-    except (TypeError, ValueError, KeyError) as exc:
-        raise InputError(f"{path / 'config.json'}: {str(exc).splitlines()[0][:160]}", "fix or re-save the model") from None
+    except Exception as exc:  # transformers' config classes raise anything on nonsense values
+        raise InputError(f"{path / 'config.json'}: {_reason(exc)}", "fix or re-save the model") from None
     cfg["model_type"] = raw.get("model_type")
     return cfg
 
@@ -141,7 +146,12 @@ def read_hf_dir(path: Path) -> Model:
 
     cfg = read_hf_config(path)
     arch = architectures.for_hf_model_type(cfg["model_type"], path.name)
-    spec = arch.spec_from_hf(cfg)
+    try:
+        spec = arch.spec_from_hf(cfg)
+    except EdgekitError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path / 'config.json'}: {_reason(exc)}", "fix or re-save the model") from None
     hf: dict[str, np.ndarray] = {}
     for file in sorted(path.glob("*.safetensors")):
         # framework="pt" reads bf16 too, which numpy cannot represent

@@ -9,8 +9,8 @@ the very numbers the pass chose (``TorchReference(model, effective=True)``), and
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -110,7 +110,8 @@ def test_the_architecture_switches_matter():
 
     from edgekit.architectures.torch_decoder import DecoderNet
 
-    for name, change in (("gemma3", {"sliding_window": None}), ("gemma3", {"embed_scale": 1.0}),
+    # a window longer than the text switches masking off but keeps the local layers' rope
+    for name, change in (("gemma3", {"sliding_window": 10_000}), ("gemma3", {"embed_scale": 1.0}),
                          ("qwen3", {"qk_norm": False}), ("phi3", {"partial_rotary": 1.0}),
                          ("gemma3", {"rope_local_theta": None}), ("llama3", {"rope_scaling": None})):
         m, hf = edgekit_model(name)
@@ -176,7 +177,7 @@ def test_gguf_reads_back_as_the_same_model(name, tmp_path):
     # float hyper-parameters are float32 in GGUF; rope scaling comes back as the factors llama.cpp reads
     same = dataclasses.replace(back.spec, rms_norm_eps=m.spec.rms_norm_eps, arch=m.spec.arch,
                                rope_scaling=m.spec.rope_scaling, extra=m.spec.extra)
-    assert same == dataclasses.replace(m.spec, attn_scale=same.attn_scale) if name == "gemma3" else same == m.spec
+    assert same == m.spec
     np.testing.assert_allclose(back.spec.inv_freq(), m.spec.inv_freq(), rtol=1e-6)
 
 
@@ -288,9 +289,96 @@ def test_unknown_architectures_are_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3", "rope_scaling": {
         "type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "hidden_size": 64,
         "num_attention_heads": 4, "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10}))
-    with pytest.raises(Exception) as e:
+    with pytest.raises(UnsupportedArchitectureError) as e:
         architectures.get("phi3").spec_from_hf(json.loads((tmp_path / "config.json").read_text()))
-    assert "LongRoPE" in str(e.value)
+    assert "LongRoPE" in e.value.one_line()
+
+
+@pytest.mark.parametrize("name,override,words", [
+    ("qwen3", {"attention_bias": True}, "attention_bias=true"),
+    ("gemma3", {"attention_bias": True}, "attention biases"),
+    ("gemma3", {"use_bidirectional_attention": True}, "bidirectional"),
+])
+def test_variants_edgekit_does_not_model_are_refused(name, override, words, tmp_path):
+    """Switches that would silently change the maths are refused in one line, not dropped."""
+    from edgekit.errors import UnsupportedArchitectureError
+    from edgekit.sources import read_hf_dir
+
+    save_hf_dir(name, tmp_path / "m", **override)
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        read_hf_dir(tmp_path / "m")
+    assert words in e.value.one_line()
+
+
+def test_a_tensor_without_a_place_is_refused_not_dropped(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from edgekit.errors import InputError
+    from edgekit.sources import read_hf_dir
+
+    save_hf_dir("llama", tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    state["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
+    save_file(state, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError) as e:
+        read_hf_dir(tmp_path / "m")
+    assert "o_proj.bias" in e.value.one_line()
+
+
+def test_nonsense_config_values_are_one_line(tmp_path):
+    from edgekit.errors import InputError
+    from edgekit.sources import read_hf_dir
+
+    save_hf_dir("llama", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    for bad in ({"num_attention_heads": 0}, {"rope_scaling": "linear"}, {"hidden_size": "abc"}):
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg | bad))
+        with pytest.raises(InputError) as e:
+            read_hf_dir(tmp_path / "m")
+        assert "config.json" in e.value.one_line() and "\n" not in e.value.one_line()
+
+
+def test_gemma3_gguf_without_a_window_reads_as_all_global(tmp_path):
+    """llama.cpp runs every layer as global when gemma3.attention.sliding_window is absent: read it so."""
+    import gguf
+
+    m, _ = edgekit_model("gemma3")
+    GGUFExporter().export(m, tmp_path)
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "nowin.gguf"), "gemma3")
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "gemma3.attention.sliding_window"):
+            continue
+        vtype = f.types[0]
+        w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    spec = read_gguf_model(tmp_path / "nowin.gguf").spec
+    assert spec.sliding_window is None and not any(spec.is_sliding(i) for i in range(spec.num_layers))
+
+
+def test_corrupt_gguf_metadata_is_one_line(tmp_path):
+    from edgekit.errors import InputError
+
+    import gguf
+
+    m, _ = edgekit_model("qwen2")
+
+    w = gguf.GGUFWriter(str(tmp_path / "zero.gguf"), "qwen2")
+    architectures.get("qwen2").write_gguf_metadata(w, m.spec)
+    w.add_head_count(0)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InputError) as e:
+        read_gguf_model(tmp_path / "zero.gguf")
+    assert "\n" not in e.value.one_line()
 
 
 def test_registry_lists_every_architecture():

@@ -160,12 +160,21 @@ class Architecture:
 
     def sanitize(self, hf: dict[str, np.ndarray], spec: DecoderSpec) -> dict[str, np.ndarray]:
         """Hugging Face checkpoint tensors -> neutral names (missing tensors raise KeyError with the HF name)."""
-        out = {}
+        out, used = {}, set()
         for name in L.tensor_names(spec):
             key = self.hf_name(name)
             if key not in hf and name == L.HEAD:
                 key = self.hf_name(L.EMBED)
             out[name] = hf[key]
+            used.add(key)
+        # a tensor the spec has no place for means a switch edgekit does not model: refuse, never drop it
+        tied_head = {HF_GLOBAL_NAMES[L.HEAD]} if spec.tie_word_embeddings else set()
+        unused = sorted(k for k in set(hf) - used - tied_head if not k.endswith("rotary_emb.inv_freq"))
+        if unused:
+            from edgekit.errors import InputError
+
+            raise InputError(f"the checkpoint has tensors edgekit's {self.name} does not use ({', '.join(unused[:3])}"
+                             f"{'...' if len(unused) > 3 else ''})", "this variant of the architecture is not supported")
         return self.fold_norms(out, spec, +1)
 
     def to_hf_state(self, tensors: dict[str, np.ndarray], spec: DecoderSpec) -> dict[str, np.ndarray]:

@@ -43,6 +43,13 @@ class Gemma3(Architecture):
         rs = cfg.get("rope_scaling")
         if rs and (rs.get("rope_type") or rs.get("type")) != "linear":
             raise UnsupportedArchitectureError(f"{self.name}: rope scaling {rs!r} is not supported", "linear is")
+        for key, why in (("attention_bias", "attention biases"), ("use_bidirectional_attention", "bidirectional attention")):
+            if cfg.get(key):
+                raise UnsupportedArchitectureError(f"{self.name}: {why} ({key}=true) are not supported",
+                                                   "released Gemma 3 text models have neither")
+        if not cfg.get("sliding_window"):
+            raise UnsupportedArchitectureError(f"{self.name}: sliding_window is unset",
+                                               "Gemma 3's local layers need their window (512 on 270m / 1b)")
 
     def hf_switches(self, cfg: dict[str, Any]) -> dict[str, Any]:
         n = int(cfg["num_hidden_layers"])
@@ -55,10 +62,9 @@ class Gemma3(Architecture):
             "qk_norm": True, "sandwich_norms": True, "activation": "gelu_tanh",
             "embed_scale": float(np.float32(int(cfg["hidden_size"]) ** 0.5)),
             "attn_scale": float(cfg.get("query_pre_attn_scalar", cfg.get("head_dim", 256))) ** -0.5,
-            "sliding_window": int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
+            "sliding_window": int(cfg["sliding_window"]),
             "layer_types": tuple(types), "rope_local_theta": float(cfg.get("rope_local_base_freq", 10000.0)),
             "rope_scaling": {"rope_type": "linear", "factor": float(rs["factor"])} if rs else None,
-            "extra": {"query_pre_attn_scalar": cfg.get("query_pre_attn_scalar", cfg.get("head_dim", 256))},
         }
 
     def to_hf_config(self, spec: DecoderSpec) -> dict[str, Any] | None:
@@ -70,7 +76,7 @@ class Gemma3(Architecture):
             "hidden_activation": "gelu_pytorch_tanh", "sliding_window": spec.sliding_window or spec.max_position,
             "layer_types": list(spec.layer_types or [FULL] * spec.num_layers),
             "rope_local_base_freq": spec.rope_local_theta or spec.rope_theta,
-            "query_pre_attn_scalar": spec.extra.get("query_pre_attn_scalar", spec.softmax_scale ** -2),
+            "query_pre_attn_scalar": spec.softmax_scale ** -2,
             "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
         }
 
@@ -101,6 +107,7 @@ class Gemma3(Architecture):
 
     def gguf_switches(self, meta: GGUFMeta, base: dict[str, Any]) -> dict[str, Any]:
         n = base["num_layers"]
+        window = meta.get("attention.sliding_window")
         pattern = meta.get("attention.sliding_window_pattern")
         if isinstance(pattern, list):
             sliding = [bool(x) for x in pattern]
@@ -111,10 +118,10 @@ class Gemma3(Architecture):
             "qk_norm": True, "sandwich_norms": True, "activation": "gelu_tanh",
             "embed_scale": float(np.float32(base["hidden_size"] ** 0.5)),
             "attn_scale": float(base["head_dim"]) ** -0.5,  # what llama.cpp's gemma3 computes with
-            "sliding_window": int(meta.get("attention.sliding_window") or 512),
-            "layer_types": tuple(SLIDING if s else FULL for s in sliding),
+            # llama.cpp runs every layer as global when the window is absent or 0
+            "sliding_window": int(window) if window else None,
+            "layer_types": tuple(SLIDING if s else FULL for s in sliding) if window else None,
             "rope_local_theta": float(meta.get("rope.freq_base_swa") or 10000.0),
-            "extra": {"query_pre_attn_scalar": base["head_dim"]},
         }
 
 

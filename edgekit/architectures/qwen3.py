@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgekit.architectures.base import Architecture, gguf_name
+from edgekit.architectures.base import Architecture
 from edgekit.architectures.spec import DecoderSpec
 from edgekit.errors import UnsupportedArchitectureError
 
@@ -21,12 +21,15 @@ class Qwen3(Architecture):
         super().check_hf_config(cfg)
         if cfg.get("use_sliding_window"):
             raise UnsupportedArchitectureError(f"{self.name}: use_sliding_window=true is not supported")
+        if cfg.get("attention_bias"):  # transformers then biases o_proj too, which llama.cpp's qwen3 cannot hold
+            raise UnsupportedArchitectureError(f"{self.name}: attention_bias=true is not supported",
+                                               "released Qwen3 models have no attention biases")
 
     def hf_switches(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        return {"qk_norm": True, "attn_bias": bool(cfg.get("attention_bias", False))}
+        return {"qk_norm": True}
 
     def hf_config_extra(self, spec: DecoderSpec) -> dict[str, Any]:
-        return {"attention_bias": spec.attn_bias, "use_sliding_window": False}
+        return {"attention_bias": False, "use_sliding_window": False}
 
     def write_gguf_metadata(self, writer, spec: DecoderSpec) -> None:
         super().write_gguf_metadata(writer, spec)
@@ -35,8 +38,7 @@ class Qwen3(Architecture):
             writer.add_value_length(spec.head_dim)
 
     def gguf_switches(self, meta, base: dict[str, Any]) -> dict[str, Any]:
-        bias = gguf_name("ATTN_Q", 0, "bias") in meta.tensor_names
-        return super().gguf_switches(meta, base) | {"qk_norm": True, "attn_bias": bias}
+        return super().gguf_switches(meta, base) | {"qk_norm": True}
 
 
 ARCHITECTURE = Qwen3()

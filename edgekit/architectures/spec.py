@@ -49,12 +49,20 @@ class DecoderSpec:
     def __post_init__(self) -> None:
         if self.layer_types is not None and not isinstance(self.layer_types, tuple):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        bad = [f"{k}={getattr(self, k)!r}" for k in sizes if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0]
+        if bad:
+            raise ValueError(f"sizes must be positive integers: {', '.join(bad)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} query heads do not share {self.num_kv_heads} key/value heads evenly")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
 
     # ------------------------------------------------------------------ derived facts
 
     @property
     def rotary_dim(self) -> int:
-        return int(self.head_dim * self.partial_rotary)
+        return int(round(self.head_dim * self.partial_rotary))
 
     @property
     def softmax_scale(self) -> float:
