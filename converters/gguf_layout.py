@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import InputError, UnsupportedArchitectureError
+from edgekit.errors import InputError
 from edgekit.architectures.spec import DecoderSpec
 from edgekit.model import Model
 

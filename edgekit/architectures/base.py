@@ -91,6 +91,9 @@ class Architecture:
     gguf_arch: ClassVar[str] = ""  # general.architecture this architecture is written as
     gguf_permute_qk: ClassVar[bool] = False  # llama.cpp's "llama" rotates adjacent pairs: permute q/k rows
     gguf_norm_names: ClassVar[dict[str, str]] = {L.ATTN_NORM: "ATTN_NORM", L.MLP_NORM: "FFN_NORM"}
+    gguf_full_width_heads: ClassVar[bool] = False  # llama.cpp derives head_dim from hidden / heads
+    gguf_always_key_length: ClassVar[bool] = False  # write attention.key_length even when it is hidden / heads
+    gguf_ignores_window: ClassVar[bool] = False  # llama.cpp runs this architecture without its sliding window
     description: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ Hugging Face side
@@ -230,12 +233,17 @@ class Architecture:
 
     def gguf_refusal(self, spec: DecoderSpec) -> str | None:
         """Why llama.cpp's runtime cannot compute this spec as transformers does (None: it can)."""
+        if self.gguf_full_width_heads and spec.num_heads * spec.head_dim != spec.hidden_size:
+            return f"llama.cpp's {self.gguf_arch} assumes heads x head_dim == hidden size"
         if abs(spec.softmax_scale - spec.head_dim ** -0.5) > 1e-9:
             return f"llama.cpp's {self.gguf_arch} scales attention by 1/sqrt(head_dim), this model does not"
         return None
 
     def gguf_caveat(self, spec: DecoderSpec) -> str | None:
         """Where llama.cpp computes this spec as transformers does only in part (kept in the manifest)."""
+        if self.gguf_ignores_window and spec.sliding_window and spec.sliding_window < spec.max_position:
+            return (f"llama.cpp's {self.gguf_arch} ignores the {spec.sliding_window}-token sliding window: "
+                    f"outputs equal transformers' up to {spec.sliding_window} tokens of context")
         return None
 
     def write_gguf_metadata(self, writer, spec: DecoderSpec) -> None:
@@ -249,7 +257,7 @@ class Architecture:
         writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
         writer.add_rope_dimension_count(spec.rotary_dim)
         writer.add_vocab_size(spec.vocab_size)
-        if spec.head_dim * spec.num_heads != spec.hidden_size:
+        if self.gguf_always_key_length or spec.head_dim * spec.num_heads != spec.hidden_size:
             writer.add_key_length(spec.head_dim)
             writer.add_value_length(spec.head_dim)
 

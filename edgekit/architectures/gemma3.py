@@ -26,6 +26,7 @@ class Gemma3(Architecture):
     hf_class = "Gemma3ForCausalLM"
     hf_config_class = "Gemma3TextConfig"
     gguf_arch = "gemma3"
+    gguf_always_key_length = True
     gguf_norm_names = {L.ATTN_NORM: "ATTN_NORM", L.POST_ATTN_NORM: "ATTN_POST_NORM", L.MLP_NORM: "FFN_PRE_NORM",
                        L.POST_MLP_NORM: "FFN_POST_NORM"}
     description = "Gemma 3 text (270M, 1B, ...): (1+w) sandwich norms, GeGLU, sliding/global layers"
@@ -94,9 +95,6 @@ class Gemma3(Architecture):
         import gguf
 
         super().write_gguf_metadata(writer, spec)
-        if spec.head_dim * spec.num_heads == spec.hidden_size:
-            writer.add_key_length(spec.head_dim)
-            writer.add_value_length(spec.head_dim)
         writer.add_sliding_window(int(spec.sliding_window or spec.max_position))
         writer.add_rope_freq_base_swa(float(spec.rope_local_theta or spec.rope_theta))
         writer.add_sliding_window_pattern([spec.is_sliding(i) for i in range(spec.num_layers)])

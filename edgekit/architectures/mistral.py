@@ -18,6 +18,7 @@ class Mistral(Llama):
     hf_class = "MistralForCausalLM"
     hf_config_class = "MistralConfig"
     description = "Mistral (sliding-window attention on every layer)"
+    gguf_ignores_window = True
 
     def rope_scalings(self) -> tuple[str, ...]:
         return ()
@@ -28,12 +29,6 @@ class Mistral(Llama):
 
     def hf_config_extra(self, spec: DecoderSpec) -> dict[str, Any]:
         return {"sliding_window": spec.sliding_window}
-
-    def gguf_caveat(self, spec: DecoderSpec) -> str | None:
-        if spec.sliding_window and spec.sliding_window < spec.max_position:
-            return (f"llama.cpp's llama architecture ignores the {spec.sliding_window}-token sliding window: "
-                    f"outputs equal transformers' up to {spec.sliding_window} tokens of context")
-        return None
 
 
 ARCHITECTURE = Mistral()

@@ -26,6 +26,8 @@ class Phi3(Architecture):
     hf_class = "Phi3ForCausalLM"
     hf_config_class = "Phi3Config"
     gguf_arch = "phi3"
+    gguf_full_width_heads = True
+    gguf_ignores_window = True
     description = "Phi-3 / Phi-4-mini (fused qkv and gate|up, partial rotary; no LongRoPE)"
 
     def check_hf_config(self, cfg: dict[str, Any]) -> None:
@@ -80,17 +82,6 @@ class Phi3(Architecture):
             GGUFTensor(gguf_name("FFN_UP", i), (p + L.GATE + ".weight", p + L.UP + ".weight")),
             GGUFTensor(gguf_name("FFN_DOWN", i), (p + L.DOWN + ".weight",)),
         ]
-
-    def gguf_refusal(self, spec: DecoderSpec) -> str | None:
-        if spec.num_heads * spec.head_dim != spec.hidden_size:
-            return f"llama.cpp's {self.gguf_arch} assumes heads x head_dim == hidden size"
-        return super().gguf_refusal(spec)
-
-    def gguf_caveat(self, spec: DecoderSpec) -> str | None:
-        if spec.sliding_window and spec.sliding_window < spec.max_position:
-            return (f"llama.cpp's phi3 ignores the {spec.sliding_window}-token sliding window: "
-                    f"outputs equal transformers' up to {spec.sliding_window} tokens of context")
-        return None
 
     def write_gguf_metadata(self, writer, spec: DecoderSpec) -> None:
         super().write_gguf_metadata(writer, spec)

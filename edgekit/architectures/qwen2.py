@@ -18,6 +18,7 @@ class Qwen2(Architecture):
     hf_class = "Qwen2ForCausalLM"
     hf_config_class = "Qwen2Config"
     gguf_arch = "qwen2"
+    gguf_full_width_heads = True
     description = "Qwen2 / Qwen2.5 (q/k/v biases)"
 
     def check_hf_config(self, cfg: dict[str, Any]) -> None:
@@ -31,11 +32,6 @@ class Qwen2(Architecture):
 
     def hf_config_extra(self, spec: DecoderSpec) -> dict[str, Any]:
         return {"use_sliding_window": False}
-
-    def gguf_refusal(self, spec: DecoderSpec) -> str | None:
-        if spec.num_heads * spec.head_dim != spec.hidden_size:
-            return f"llama.cpp's {self.gguf_arch} assumes heads x head_dim == hidden size"
-        return super().gguf_refusal(spec)
 
     def gguf_switches(self, meta, base: dict[str, Any]) -> dict[str, Any]:
         return super().gguf_switches(meta, base) | {"attn_bias": True}

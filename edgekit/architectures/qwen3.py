@@ -15,6 +15,7 @@ class Qwen3(Architecture):
     hf_class = "Qwen3ForCausalLM"
     hf_config_class = "Qwen3Config"
     gguf_arch = "qwen3"
+    gguf_always_key_length = True
     description = "Qwen3 (qk-norm, explicit head_dim)"
 
     def check_hf_config(self, cfg: dict[str, Any]) -> None:
@@ -30,12 +31,6 @@ class Qwen3(Architecture):
 
     def hf_config_extra(self, spec: DecoderSpec) -> dict[str, Any]:
         return {"attention_bias": False, "use_sliding_window": False}
-
-    def write_gguf_metadata(self, writer, spec: DecoderSpec) -> None:
-        super().write_gguf_metadata(writer, spec)
-        if spec.head_dim * spec.num_heads == spec.hidden_size:  # the base writes them otherwise
-            writer.add_key_length(spec.head_dim)
-            writer.add_value_length(spec.head_dim)
 
     def gguf_switches(self, meta, base: dict[str, Any]) -> dict[str, Any]:
         return super().gguf_switches(meta, base) | {"qk_norm": True}

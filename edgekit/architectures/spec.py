@@ -90,6 +90,17 @@ class DecoderSpec:
             return inv
         return _scaled(inv, self.rope_scaling)
 
+    def tensor_names(self) -> list[str]:
+        """Every tensor of the model, in edgekit's neutral names (see :mod:`edgekit.architectures.layout`)."""
+        from edgekit.architectures.layout import tensor_names
+
+        return tensor_names(self)
+
+    def output_head_name(self) -> str:
+        from edgekit.architectures.layout import output_head
+
+        return output_head(self)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layer_types"] = list(self.layer_types) if self.layer_types is not None else None
@@ -120,19 +131,3 @@ def rope_tables(spec: DecoderSpec, positions: int, kind: str = "global") -> tupl
     freqs = np.arange(positions, dtype=np.float32)[:, None] * spec.inv_freq(kind)[None, :]
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
-
-def _tensor_names(self: DecoderSpec) -> list[str]:
-    """Every tensor of the model, in edgekit's neutral names (see :mod:`edgekit.architectures.layout`)."""
-    from edgekit.architectures.layout import tensor_names
-
-    return tensor_names(self)
-
-
-def _output_head_name(self: DecoderSpec) -> str:
-    from edgekit.architectures.layout import output_head
-
-    return output_head(self)
-
-
-DecoderSpec.tensor_names = _tensor_names  # type: ignore[attr-defined]
-DecoderSpec.output_head_name = _output_head_name  # type: ignore[attr-defined]
