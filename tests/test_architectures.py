@@ -296,6 +296,7 @@ def test_unknown_architectures_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("name,override,words", [
     ("qwen3", {"attention_bias": True}, "attention_bias=true"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window=true"),
     ("gemma3", {"attention_bias": True}, "attention biases"),
     ("gemma3", {"use_bidirectional_attention": True}, "bidirectional"),
 ])

@@ -95,6 +95,8 @@ class Architecture:
     gguf_always_key_length: ClassVar[bool] = False  # write attention.key_length even when it is hidden / heads
     gguf_ignores_window: ClassVar[bool] = False  # llama.cpp runs this architecture without its sliding window
     description: ClassVar[str] = ""
+    # config switches edgekit does not model: refused in one line when true (key -> what it would mean)
+    hf_refused: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ Hugging Face side
 
@@ -113,8 +115,15 @@ class Architecture:
         base.update(self.hf_switches(cfg))
         return DecoderSpec(**base)
 
+    def refuse_switches(self, cfg: dict[str, Any]) -> None:
+        for key, what in self.hf_refused.items():
+            if cfg.get(key):
+                raise UnsupportedArchitectureError(f"{self.name}: {what} ({key}=true) is not supported",
+                                                   f"released {self.name} models have it off")
+
     def check_hf_config(self, cfg: dict[str, Any]) -> None:
         """Refuse, in one line, what edgekit does not build for this architecture."""
+        self.refuse_switches(cfg)
         act = cfg.get("hidden_act") or cfg.get("hidden_activation")
         if act not in (None, "silu"):
             raise UnsupportedArchitectureError(f"{self.name}: activation {act!r} is not supported", "SiLU-gated MLPs are")

@@ -27,6 +27,7 @@ class Gemma3(Architecture):
     hf_config_class = "Gemma3TextConfig"
     gguf_arch = "gemma3"
     gguf_always_key_length = True
+    hf_refused = {"attention_bias": "attention biases", "use_bidirectional_attention": "bidirectional attention"}
     gguf_norm_names = {L.ATTN_NORM: "ATTN_NORM", L.POST_ATTN_NORM: "ATTN_POST_NORM", L.MLP_NORM: "FFN_PRE_NORM",
                        L.POST_MLP_NORM: "FFN_POST_NORM"}
     description = "Gemma 3 text (270M, 1B, ...): (1+w) sandwich norms, GeGLU, sliding/global layers"
@@ -35,6 +36,7 @@ class Gemma3(Architecture):
         return ("linear",)
 
     def check_hf_config(self, cfg: dict[str, Any]) -> None:
+        self.refuse_switches(cfg)
         act = cfg.get("hidden_activation") or cfg.get("hidden_act")
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise UnsupportedArchitectureError(f"{self.name}: activation {act!r} is not supported", "gelu_pytorch_tanh is")
@@ -44,10 +46,6 @@ class Gemma3(Architecture):
         rs = cfg.get("rope_scaling")
         if rs and (rs.get("rope_type") or rs.get("type")) != "linear":
             raise UnsupportedArchitectureError(f"{self.name}: rope scaling {rs!r} is not supported", "linear is")
-        for key, why in (("attention_bias", "attention biases"), ("use_bidirectional_attention", "bidirectional attention")):
-            if cfg.get(key):
-                raise UnsupportedArchitectureError(f"{self.name}: {why} ({key}=true) are not supported",
-                                                   "released Gemma 3 text models have neither")
         if not cfg.get("sliding_window"):
             raise UnsupportedArchitectureError(f"{self.name}: sliding_window is unset",
                                                "Gemma 3's local layers need their window (512 on 270m / 1b)")

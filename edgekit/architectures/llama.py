@@ -13,7 +13,6 @@ import numpy as np
 
 from edgekit.architectures.base import Architecture, GGUFMeta, gguf_name
 from edgekit.architectures.spec import DecoderSpec
-from edgekit.errors import UnsupportedArchitectureError
 
 
 class Llama(Architecture):
@@ -23,15 +22,11 @@ class Llama(Architecture):
     hf_config_class = "LlamaConfig"
     gguf_arch = "llama"
     gguf_permute_qk = True
+    hf_refused = {"attention_bias": "attention biases (Qwen2's are supported)"}
     description = "Llama 2 / 3.x, TinyLlama, SmolLM (rope scaling llama3 and linear)"
 
     def rope_scalings(self) -> tuple[str, ...]:
         return ("llama3", "linear")
-
-    def check_hf_config(self, cfg: dict[str, Any]) -> None:
-        super().check_hf_config(cfg)
-        if cfg.get("attention_bias"):
-            raise UnsupportedArchitectureError(f"{self.name}: attention biases are not supported", "Qwen2 biases are")
 
     def hf_switches(self, cfg: dict[str, Any]) -> dict[str, Any]:
         rs = cfg.get("rope_scaling")

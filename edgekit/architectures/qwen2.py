@@ -9,7 +9,6 @@ from typing import Any
 
 from edgekit.architectures.base import Architecture
 from edgekit.architectures.spec import DecoderSpec
-from edgekit.errors import UnsupportedArchitectureError
 
 
 class Qwen2(Architecture):
@@ -19,13 +18,8 @@ class Qwen2(Architecture):
     hf_config_class = "Qwen2Config"
     gguf_arch = "qwen2"
     gguf_full_width_heads = True
+    hf_refused = {"use_sliding_window": "sliding-window attention"}
     description = "Qwen2 / Qwen2.5 (q/k/v biases)"
-
-    def check_hf_config(self, cfg: dict[str, Any]) -> None:
-        super().check_hf_config(cfg)
-        if cfg.get("use_sliding_window"):
-            raise UnsupportedArchitectureError(f"{self.name}: use_sliding_window=true is not supported",
-                                               "released Qwen2 models have it off")
 
     def hf_switches(self, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"attn_bias": True}

@@ -6,7 +6,6 @@ from typing import Any
 
 from edgekit.architectures.base import Architecture
 from edgekit.architectures.spec import DecoderSpec
-from edgekit.errors import UnsupportedArchitectureError
 
 
 class Qwen3(Architecture):
@@ -16,15 +15,9 @@ class Qwen3(Architecture):
     hf_config_class = "Qwen3Config"
     gguf_arch = "qwen3"
     gguf_always_key_length = True
+    # attention_bias in transformers also biases o_proj, which llama.cpp's qwen3 cannot hold
+    hf_refused = {"use_sliding_window": "sliding-window attention", "attention_bias": "attention biases"}
     description = "Qwen3 (qk-norm, explicit head_dim)"
-
-    def check_hf_config(self, cfg: dict[str, Any]) -> None:
-        super().check_hf_config(cfg)
-        if cfg.get("use_sliding_window"):
-            raise UnsupportedArchitectureError(f"{self.name}: use_sliding_window=true is not supported")
-        if cfg.get("attention_bias"):  # transformers then biases o_proj too, which llama.cpp's qwen3 cannot hold
-            raise UnsupportedArchitectureError(f"{self.name}: attention_bias=true is not supported",
-                                               "released Qwen3 models have no attention biases")
 
     def hf_switches(self, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"qk_norm": True}
