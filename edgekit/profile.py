@@ -74,10 +74,10 @@ def _content_sha256(file: Path) -> str:
 def _artifact_reference(path: Path) -> Reference:
     from edgekit.registry import RUNTIMES
     from edgekit.runtimes.onnxruntime_encoder import is_encoder_artifact
-    from edgekit.session import _runtime_for_suffix
+    from edgekit.session import runtime_for
 
     file, runtime, _ = resolve_artifact(path)
-    name = runtime or _runtime_for_suffix(file)
+    name = runtime or runtime_for(file)
     if name is None:
         raise InputError(f"--reference {path}: no runtime opens {file.name}", REFERENCE_HINT)
     if is_encoder_artifact(file):
@@ -215,9 +215,9 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
         save_profile_result(file, result)
         return result
     from edgekit.registry import RUNTIMES
-    from edgekit.session import _runtime_for_suffix
+    from edgekit.session import runtime_for
 
-    rt_name = runtime or _runtime_for_suffix(file)
+    rt_name = runtime or runtime_for(file)
     rt = RUNTIMES.get(rt_name) if rt_name else None
     why = getattr(rt, "unavailable_reason", lambda: None)()
     if why:  # the runtime does not exist on this OS (Core ML off macOS): size, bits/weight, predictions

@@ -15,29 +15,42 @@ def resolve_artifact(path: str | Path) -> tuple[Path, str | None, dict | None]:
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{p} does not exist", "pass an artifact directory written by `edgekit convert` or a model file")
-    if p.is_dir() and _runtime_for_suffix(p) is None:  # a directory that is itself a model (.mlpackage) is a file here
+    if p.is_dir() and runtime_for(p) is None:  # a directory that is itself a model (.mlpackage) is a file here
         manifest = read_manifest(p)
         if manifest:
             art = manifest["artifact"]
             return p / art["file"], art.get("runtime"), manifest
-        candidates = [c for c in sorted(p.iterdir()) if _runtime_for_suffix(c) is not None]
+        candidates = [c for c in sorted(p.iterdir()) if runtime_for(c) is not None]
         if len(candidates) != 1:
             raise InputError(f"{p} has no manifest.json and {len(candidates)} model files", "pass the model file itself")
         return candidates[0], None, None
     return p, None, None
 
 
-def _runtime_for_suffix(path: Path) -> str | None:
+def runtime_for(path: Path) -> str | None:
+    """The registered runtime that claims ``path`` (highest priority first), or None."""
+    claimed = []
     for name in RUNTIMES.names():
         cls = RUNTIMES.get(name)
-        if path.suffix.lower() in getattr(cls, "suffixes", ()):
-            return name
-    return None
+        if cls.claims(path):
+            claimed.append((-cls.priority, name))
+    return min(claimed)[1] if claimed else None
+
+
+def runtime_of(file: Path, named: str | None = None):
+    """The runtime class for a resolved model file (``named``: what its manifest says)."""
+    name = named or runtime_for(file)
+    if name is None:
+        raise InputError(f"no runtime opens {file.name}", f"known runtimes: {', '.join(RUNTIMES.names())}")
+    return RUNTIMES.get(name)
+
+
+def artifact_kind(path: str | Path) -> str:
+    """"decoder" or "encoder", as the artifact's own runtime reads it from the artifact's files."""
+    file, named, _ = resolve_artifact(path)
+    return runtime_of(file, named).kind(file)
 
 
 def load(path: str | Path, runtime: str | None = None, **options: Any):
     file, named, _ = resolve_artifact(path)
-    name = runtime or named or _runtime_for_suffix(file)
-    if name is None:
-        raise InputError(f"no runtime opens {file.name}", f"known runtimes: {', '.join(RUNTIMES.names())}")
-    return RUNTIMES.get(name).open(file, **options)
+    return (RUNTIMES.get(runtime) if runtime else runtime_of(file, named)).open(file, **options)

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
 from edgekit.runtimes import TextSession
 
@@ -151,13 +152,13 @@ class LlamaCppSession(TextSession):
             self._llm = None
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(Runtime):
     """Runtime plug-in: opens ``.gguf`` files."""
 
     name = "llamacpp"
+    format = "gguf"
     suffixes = (".gguf",)
-    formats = ("gguf",)
 
-    @staticmethod
-    def open(path: str | os.PathLike, **options: Any) -> LlamaCppSession:
+    @classmethod
+    def open(cls, path: str | os.PathLike, **options: Any) -> LlamaCppSession:
         return LlamaCppSession(path, **options)

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
 from edgekit.runtimes import TextSession
 
@@ -341,17 +342,23 @@ class OnnxRuntimeSession(TextSession):
         self._sess = None
 
 
-class OnnxRuntimeRuntime:
-    """Runtime plug-in: opens ``.onnx`` decoders written by edgekit's ONNX exporter."""
+class OnnxRuntimeRuntime(Runtime):
+    """Runtime plug-in: opens the ``.onnx`` decoders and encoders written by edgekit's ONNX exporter."""
 
     name = "onnxruntime"
+    format = "onnx"
     suffixes = (".onnx",)
-    formats = ("onnx",)
 
-    @staticmethod
-    def open(path: str | os.PathLike, **options: Any) -> OnnxRuntimeSession:
-        from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession, is_encoder_artifact
+    @classmethod
+    def kind(cls, path: Path) -> str:
+        from edgekit.formats.onnx import artifact_kind
 
-        if is_encoder_artifact(path):  # sentence encoders: embed() instead of generate()
+        return artifact_kind(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, **options: Any) -> OnnxRuntimeSession:
+        if cls.kind(Path(path)) == "encoder":  # sentence encoders: embed() instead of generate()
+            from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
+
             return OnnxEncoderSession(path, **options)
         return OnnxRuntimeSession(path, **options)
