@@ -24,7 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgekit.contracts import Runtime
 from edgekit.errors import EdgekitError, InputError, MissingDependencyError
+from edgekit.formats.coreml import artifact_kind
 from edgekit.runtimes import SessionLifetime, TextSession
 from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
 from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
@@ -215,33 +217,23 @@ class CoreMLEncoderSession(SessionLifetime):
         self._sess = None
 
 
-def _is_encoder(path: str | os.PathLike) -> bool:
-    try:
-        return json.loads((Path(path).parent / CONFIG_FILE).read_text()).get("kind") == "encoder"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-class CoreMLRuntime:
-    """Runtime plug-in: opens ``.mlpackage`` decoders written by edgekit's Core ML exporter (macOS only)."""
+class CoreMLRuntime(Runtime):
+    """Runtime plug-in: opens ``.mlpackage`` decoders and encoders written by edgekit's Core ML exporter (macOS only)."""
 
     name = "coreml"
+    format = "coreml"
     suffixes = (".mlpackage",)
-    formats = ("coreml",)
 
-    @staticmethod
-    def unavailable_reason() -> str | None:
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
         return unavailable_reason()
 
-    @staticmethod
-    def unmeasured_profile(*args: Any) -> dict[str, Any]:
-        """What ``edgekit profile`` reports where Core ML cannot run (see the exporter's module)."""
-        from edgekit.converters.coreml import unmeasured_profile
+    @classmethod
+    def kind(cls, path: Path) -> str:
+        return artifact_kind(path)
 
-        return unmeasured_profile(*args)
-
-    @staticmethod
-    def open(path: str | os.PathLike, **options: Any) -> CoreMLSession | CoreMLEncoderSession:
-        if _is_encoder(path):  # sentence encoders: embed() instead of generate()
+    @classmethod
+    def open(cls, path: str | os.PathLike, **options: Any) -> CoreMLSession | CoreMLEncoderSession:
+        if cls.kind(Path(path)) == "encoder":  # sentence encoders: embed() instead of generate()
             return CoreMLEncoderSession(path, **options)
         return CoreMLSession(path, **options)
