@@ -25,7 +25,6 @@ predictor needs) sit next to the package.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -34,17 +33,17 @@ from typing import Any
 import numpy as np
 
 from edgekit.architectures import layout as L
+from edgekit.contracts import Capabilities, Exporter
+from edgekit.formats import coreml as fmt
 from edgekit.errors import EdgekitError, ValidationError
 from edgekit.model import BlockQuant, Model
 
-CONFIG_FILE = "coreml_config.json"
-TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_CONTEXT = 2048  # KV-cache length; the state is allocated at this size on the device
 DEPLOYMENT_TARGET = "iOS18"
 INPUTS = ("inputIds", "causalMask")
 OUTPUTS = ("logits",)
 STATES = ("keyCache", "valueCache")  # as DecoderNet names its cache buffers
-CONFIG_VERSION = 2  # 2: any architecture ("architecture", "layer_windows"); the interface is version 1's
+# config version 2 (formats/coreml.py): any architecture ("architecture", "layer_windows"); the interface is version 1's
 
 
 def _quiet_coremltools():
@@ -129,7 +128,7 @@ def runtime_config(model: Model, ctx: int, cache: tuple[int, ...]) -> dict[str, 
     bos, eos = meta(tok, "tokenizer.ggml.bos_token_id"), meta(tok, "tokenizer.ggml.eos_token_id")
     stored, streamed, params = weight_bytes(model)
     return {
-        "format": "edgekit-coreml-decoder", "version": CONFIG_VERSION, "architecture": s.arch,
+        "architecture": s.arch,
         "context": ctx, "cache_shape": list(cache), "num_layers": s.num_layers, "head_dim": s.head_dim,
         "vocab_size": s.vocab_size, "hidden_size": s.hidden_size, "num_heads": s.num_heads,
         "num_kv_heads": s.num_kv_heads, "max_position": s.max_position,
@@ -305,33 +304,44 @@ def validate_package(package: Path, model: Model, ctx: int, cache: tuple[int, ..
             "spec_version": spec.specificationVersion}
 
 
-class CoreMLExporter:
-    """Writes ``model.mlpackage`` (+ ``tokenizer.json``, ``coreml_config.json``) for Core ML."""
+class CoreMLExporter(Exporter):
+    """Writes ``model.mlpackage`` (+ ``tokenizer.json``, ``coreml_config.json``) for Core ML: a stateful
+    decoder, or a sentence encoder (:mod:`edgekit.converters.coreml_encoder`)."""
 
     name = "coreml"
-    filename = "model.mlpackage"
+    filename = fmt.MODEL_FILE
     runtime = "coreml"
-    per_layer_widths = True  # pruned layers keep their own widths (every shape is read from the tensors)
-    supports_lowrank = True  # a factor pair is two linear ops
+    # pruned layers keep their own widths (every shape is read from the tensors); a factor pair is two linear ops
+    capabilities = Capabilities(kinds=frozenset({"decoder", "encoder"}), bits=frozenset({2, 4, 8}), lowrank=True,
+                                per_layer_widths=True)
 
-    def supports(self, model: Model) -> str | None:
+    def __init__(self, context: int | None = None):
+        self.context = context
+
+    def supports(self, model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        reason = super().supports(model)
+        if reason or model.kind == "encoder":
+            from edgekit.converters.coreml_encoder import unsupported as encoder_unsupported
+
+            return reason or encoder_unsupported(model)
         from edgekit import architectures
         from edgekit.converters.coreml_weights import unsupported
 
-        arch = architectures.of(model.spec)
-        if arch.kind != "decoder":
-            return f"{arch.name} is not a decoder (sentence encoders have their own Core ML exporter)"
-        return arch.format_refusal(self.name, model.spec) or unsupported(model)
+        return architectures.of(model.spec).format_refusal(self.name, model.spec) or unsupported(model)
 
-    def export(self, model: Model, out_dir: Path, context: int | None = None) -> dict[str, Any]:
+    def export(self, model, out_dir: Path) -> dict[str, Any]:
         from edgekit.tokenizer_convert import gguf_to_hf_tokenizer
 
         out_dir = Path(out_dir)
         reason = self.supports(model)
         if reason:
             raise EdgekitError(f"the coreml format cannot hold this recipe: {reason}", "choose another --format")
-        ctx = int(context or min(model.spec.max_position, DEFAULT_CONTEXT))
+        if model.kind == "encoder":
+            from edgekit.converters.coreml_encoder import export_encoder
+
+            return export_encoder(model, out_dir)
+        ctx = int(self.context or min(model.spec.max_position, DEFAULT_CONTEXT))
         package = out_dir / self.filename
         t0 = time.perf_counter()
         made = convert_decoder(model, ctx, package)
@@ -339,93 +349,12 @@ class CoreMLExporter:
         t0 = time.perf_counter()
         checks = validate_package(package, model, ctx, made["cache_shape"])
         t_check = time.perf_counter() - t0
-        gguf_to_hf_tokenizer(model.tokenizer).save(str(out_dir / TOKENIZER_FILE))
+        gguf_to_hf_tokenizer(model.tokenizer).save(str(out_dir / fmt.TOKENIZER_FILE))
         config = runtime_config(model, ctx, made["cache_shape"])
-        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        fmt.CONFIG.write(out_dir, config, "decoder")
         kinds: dict[str, int] = {}
         for kind in config["storage"].values():
             kinds[kind] = kinds.get(kind, 0) + 1
-        return {"file": self.filename, "files": [self.filename, TOKENIZER_FILE, CONFIG_FILE],
+        return {"file": self.filename, "kind": "decoder", "files": [self.filename, fmt.TOKENIZER_FILE, fmt.CONFIG_FILE],
                 "deployment_target": DEPLOYMENT_TARGET, "context": ctx, "tensor_types": kinds,
                 "package_checks": checks, "timings_s": {"convert_s": t_convert, "read_back_s": t_check}}
-
-
-# ---------------------------------------------------------------- prediction without running
-
-
-def coreml_facts(package: str | Path):
-    """What the predictor needs about an .mlpackage, from the ``coreml_config.json`` written beside it."""
-    from edgekit.errors import InputError
-    from edgekit.targets.facts import ArtifactFacts
-
-    package = Path(package)
-    try:
-        cfg = json.loads((package.parent / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        raise InputError(f"{package.parent / CONFIG_FILE} is missing or unreadable",
-                         "re-export the model with `edgekit convert --format coreml`") from None
-    n_layers, _, kvh, _, hd = cfg["cache_shape"]
-    return ArtifactFacts(
-        format="coreml", runtime="coreml", size_bytes=tree_bytes(package),
-        parameters=int(cfg["parameters"]),
-        bytes_by_type={k.upper(): int(v) for k, v in cfg["streamed_bytes_by_kind"].items()},
-        params_by_type={k.upper(): int(v) for k, v in cfg["params_by_kind"].items()},
-        kv_bytes_per_token=2 * n_layers * kvh * hd * 2,  # fp16 key and value states
-        attn_flops_per_token_per_ctx=4 * sum(w["heads"] for w in cfg["layer_widths"]) * hd,
-        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-        extra={"num_layers": n_layers, "tied_embeddings": cfg["tied_embeddings"], "context": cfg["context"],
-               "architecture": cfg.get("architecture", "llama")},
-    )
-
-
-def tree_bytes(path: Path) -> int:
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def unmeasured_profile(file: Path, manifest: dict | None, why: str, targets: list[str], profile_dirs, context: int | None,
-                       prompt_tokens: int | None) -> dict[str, Any]:
-    """``edgekit profile`` where the runtime cannot run: size, bits per weight and predicted figures.
-
-    Targets default to the device profiles that list the ``coreml`` runtime. Predictions are
-    uncalibrated (no Core ML kernel was measured here): each profile's bandwidth and compute with
-    the predictor's default efficiency, as the prediction's notes say.
-    """
-    from edgekit.targets import predict as pr
-    from edgekit.targets.profiles import get_profile, load_profiles
-
-    cfg = json.loads((Path(file).parent / CONFIG_FILE).read_text()) if (Path(file).parent / CONFIG_FILE).exists() else {}
-    if cfg.get("kind") == "encoder":  # the roofline predictor models decoders; report what the package holds
-        size = tree_bytes(file)
-        params = (manifest or {}).get("model", {}).get("parameters")
-        return {"artifact": str(file), "format": "coreml", "runtime": "coreml", "model_kind": "encoder", "size_bytes": size,
-                "bits_per_weight": 8 * size / params if params else None, "parameters": params,
-                "tensor_types": (manifest or {}).get("artifact", {}).get("tensor_types"),
-                "recipe": (manifest or {}).get("recipe", {}).get("quant"), "speed": None, "speed_note": why,
-                "quality": None, "quality_note": f"not measured: {why}", "targets": {}}
-    facts = coreml_facts(file)
-    names = list(targets) or [n for n, p in sorted(load_profiles(profile_dirs).items()) if "coreml" in p.runtimes]
-    result: dict[str, Any] = {
-        "artifact": str(file), "format": "coreml", "runtime": "coreml", "size_bytes": facts.size_bytes,
-        "bits_per_weight": 8 * facts.size_bytes / max(1, facts.parameters), "parameters": facts.parameters,
-        "tensor_types": (manifest or {}).get("artifact", {}).get("tensor_types"),
-        "recipe": (manifest or {}).get("recipe", {}).get("quant"),
-        "speed": None, "speed_note": why, "quality": None, "quality_note": f"not measured: {why}",
-    }
-    ctx = context or 1024
-    p = prompt_tokens or 128
-    n_ctx = int(facts.extra["context"])
-    unc = 1 / pr.UNCALIBRATED_EFFICIENCY
-    cal = pr.Calibration("coreml", "coreml", {}, unc, {}, unc, 0.0, 0.0, {})
-    out = {}
-    for name in names:
-        if name == "host":
-            continue
-        prof = get_profile(name, profile_dirs)
-        pred = pr.predict(facts, cal, pr.profile_machine(prof), ctx, p, n_ctx) | {"kind": prof.kind}
-        pred.setdefault("notes", []).append("uncalibrated: no Core ML speed was measured on this host; "
-                                            "peak memory counts weights and the KV-cache state only")
-        out[name] = pred
-    result["targets"] = out
-    result["calibration"] = "uncalibrated: Core ML cannot run on this host"
-    return result

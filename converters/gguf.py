@@ -18,7 +18,9 @@ import numpy as np
 
 from edgekit import architectures
 from edgekit.architectures.base import GGUFTensor
+from edgekit.contracts import Capabilities, Exporter
 from edgekit.converters.gguf_layout import permute_qk
+from edgekit.formats import gguf as fmt
 from edgekit.model import BlockQuant, Cast, Model
 
 
@@ -122,19 +124,20 @@ def _file_type(type_names: list[str]) -> int:
     return int(F.ALL_F32)
 
 
-class GGUFExporter:
+class GGUFExporter(Exporter):
     """Writes ``model.gguf`` (the architecture's llama.cpp layout, tokenizer and chat template carried over)."""
 
     name = "gguf"
-    filename = "model.gguf"
+    filename = fmt.MODEL_FILE
     runtime = "llamacpp"
-
-    # what a recipe may ask of this format (checked before any pass runs)
-    supports_lowrank = False
-    per_layer_widths = False
+    # llama.cpp's architectures have one width per model and no factorized linears
+    capabilities = Capabilities(kinds=frozenset({"decoder"}), bits=frozenset({2, 4, 8}))
 
     def supports(self, model: Model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        reason = super().supports(model)
+        if reason:
+            return f"{reason}; --format onnx holds encoders"
         arch = architectures.of(model.spec)
         refusal = arch.format_refusal(self.name, model.spec)
         if refusal:
@@ -185,7 +188,10 @@ class GGUFExporter:
         counts: dict[str, int] = {}
         for t in types.values():
             counts[t] = counts.get(t, 0) + 1
-        info: dict[str, Any] = {"file": self.filename, "gguf_architecture": arch.gguf_arch, "tensor_types": counts}
+        from edgekit.converters.gguf_layout import gguf_weight_stats
+
+        info: dict[str, Any] = {"file": self.filename, "kind": "decoder", "gguf_architecture": arch.gguf_arch,
+                                "tensor_types": counts, "bits_per_weight": gguf_weight_stats(path)["bits_per_weight"]}
         caveat = arch.gguf_caveat(spec)
         if caveat:
             info["caveat"] = caveat

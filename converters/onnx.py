@@ -24,19 +24,18 @@ so the runtime needs neither torch nor transformers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from edgekit.contracts import Capabilities, Exporter
 from edgekit.converters.onnx_graph import (ACCURACY_LEVEL, NBITS, OPSET, DecoderBuilder, layer_shapes, nbits_ok,
                                            pack_nbits, read_matrices, unpack_nbits)
+from edgekit.formats import onnx as fmt
 from edgekit.model import BlockQuant, Model
 
 __all__ = ["ONNXExporter", "pack_nbits", "unpack_nbits", "read_matrices", "runtime_config"]
+CONFIG_FILE, TOKENIZER_FILE = fmt.CONFIG_FILE, fmt.TOKENIZER_FILE
 
-INLINE_LIMIT = 1_800_000_000  # protobuf cannot hold 2 GB; leave room for the graph itself
-CONFIG_FILE = "onnx_config.json"
-TOKENIZER_FILE = "tokenizer.json"
 INT8_SCHEME = ("weight-only: the pass's 8-bit block integers and fp16 scales (Q8_0 numbers, blocks of 32) in "
                "MatMulNBits bits=8, activations quantized per block inside the kernel (accuracy_level 4); "
                "ONNX Runtime's dynamic int8 quantization (per-tensor activations) measured perplexity 46 vs 15.2 "
@@ -56,7 +55,7 @@ def runtime_config(model: Model, shapes: list[dict[str, int]]) -> dict[str, Any]
     bos, eos = _meta(tok, "tokenizer.ggml.bos_token_id"), _meta(tok, "tokenizer.ggml.eos_token_id")
     kv = [sh["kv_heads"] for sh in shapes]
     return {
-        "format": "edgekit-onnx-decoder", "version": 2, "architecture": s.arch,
+        "architecture": s.arch,
         "num_layers": s.num_layers, "n_kv_heads": max(kv, default=s.num_kv_heads), "layer_kv_heads": kv,
         "head_dim": s.head_dim, "vocab_size": s.vocab_size, "hidden_size": s.hidden_size,
         "max_position": s.max_position,
@@ -70,25 +69,32 @@ def runtime_config(model: Model, shapes: list[dict[str, int]]) -> dict[str, Any]
         "chat_template": _meta(tok, "tokenizer.chat_template"),
         # "gpt2" (byte-level BPE) or "llama" (SentencePiece): how token text maps to bytes
         "tokenizer_model": _meta(tok, "tokenizer.ggml.model", "gpt2"),
-        "inputs": ["input_ids", "seqlens_k", "total_sequence_length", "num_logits"]
-                  + [f"past_{kv}_{i}" for i in range(s.num_layers) for kv in ("key", "value")],
-        "outputs": ["logits"] + [f"present_{kv}_{i}" for i in range(s.num_layers) for kv in ("key", "value")],
+        "inputs": list(fmt.DECODER_INPUTS) + fmt.cache_names(s.num_layers, "past"),
+        "outputs": ["logits"] + fmt.cache_names(s.num_layers, "present"),
     }
 
 
-class ONNXExporter:
-    """Writes ``model.onnx`` (+ ``tokenizer.json``, ``onnx_config.json``) for ONNX Runtime."""
+class ONNXExporter(Exporter):
+    """Writes ``model.onnx`` (+ ``tokenizer.json``, ``onnx_config.json``) for ONNX Runtime: a decoder
+    (:mod:`edgekit.converters.onnx_graph`) or a sentence encoder (:mod:`edgekit.converters.onnx_encoder`)."""
 
     name = "onnx"
-    filename = "model.onnx"
+    filename = fmt.MODEL_FILE
     runtime = "onnxruntime"
-    # what a recipe may ask of this format: every layer's shapes are read from its tensors, and a
-    # factorized linear becomes two MatMul(NBits)
-    per_layer_widths = True
-    supports_lowrank = True
+    # every layer's shapes are read from its tensors, and a factorized linear becomes two MatMul(NBits)
+    capabilities = Capabilities(kinds=frozenset({"decoder", "encoder"}), bits=frozenset(NBITS), lowrank=True,
+                                per_layer_widths=True)
 
-    def supports(self, model: Model) -> str | None:
+    def __init__(self, accuracy_level: int | None = None):
+        self.accuracy_level = accuracy_level  # None: each graph's own default
+
+    def supports(self, model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
+        reason = super().supports(model)
+        if reason or model.kind == "encoder":
+            from edgekit.converters.onnx_encoder import unsupported
+
+            return reason or unsupported(model)
         from edgekit import architectures
 
         refusal = architectures.of(model.spec).format_refusal(self.name, model.spec)
@@ -104,29 +110,27 @@ class ONNXExporter:
             return str(exc).strip("'\"")
         return None
 
-    def export(self, model: Model, out_dir: Path) -> dict[str, Any]:
-        import onnx
+    def export(self, model, out_dir: Path) -> dict[str, Any]:
+        if model.kind == "encoder":
+            from edgekit.converters.onnx_encoder import ACCURACY_LEVEL as ENCODER_LEVEL, export_encoder
 
+            return export_encoder(model, out_dir, ENCODER_LEVEL if self.accuracy_level is None else self.accuracy_level)
+        return self._export_decoder(model, Path(out_dir))
+
+    def _export_decoder(self, model: Model, out_dir: Path) -> dict[str, Any]:
+        from edgekit.converters.onnx_encoder import save_model
         from edgekit.tokenizer_convert import gguf_to_hf_tokenizer
 
-        out_dir = Path(out_dir)
-        builder = DecoderBuilder(model)
+        builder = DecoderBuilder(model, ACCURACY_LEVEL if self.accuracy_level is None else self.accuracy_level)
         proto, shapes = builder.build()
         proto.doc_string = f"edgekit ONNX export of {model.name}"
-        path = out_dir / self.filename
-        weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-        files = [self.filename]
-        if weight_bytes > INLINE_LIMIT:
-            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=self.filename + ".data", size_threshold=1024)
-            files.append(self.filename + ".data")
-        else:
-            onnx.save_model(proto, str(path))
-        gguf_to_hf_tokenizer(model.tokenizer).save(str(out_dir / TOKENIZER_FILE))
-        (out_dir / CONFIG_FILE).write_text(json.dumps(runtime_config(model, shapes), indent=1))
+        files = save_model(proto, out_dir)
+        gguf_to_hf_tokenizer(model.tokenizer).save(str(out_dir / fmt.TOKENIZER_FILE))
+        fmt.CONFIG.write(out_dir, runtime_config(model, shapes), "decoder")
         info: dict[str, Any] = {
-            "file": self.filename, "files": files + [TOKENIZER_FILE, CONFIG_FILE], "opset": OPSET,
-            "external_data": len(files) > 1, "tensor_types": builder.counts, "accuracy_level": ACCURACY_LEVEL,
+            "file": self.filename, "kind": "decoder", "files": files + [fmt.TOKENIZER_FILE, fmt.CONFIG_FILE],
+            "opset": OPSET, "external_data": len(files) > 1, "tensor_types": builder.counts,
+            "accuracy_level": builder.accuracy_level,
             "graph": "GroupQueryAttention + SkipSimplifiedLayerNormalization + fused MatMulNBits (q|k|v, gate|up)",
         }
         head = model.spec.output_head_name()  # an 8-bit head alone (q4_0, int4) is not an int8 recipe

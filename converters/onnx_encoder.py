@@ -1,23 +1,21 @@
 """ONNX exporter for sentence encoders (BERT family): text ids in, normalized sentence embedding out.
 
-Steps (:func:`convert_encoder` runs them all; ``edgekit convert minilm --format onnx`` lands here):
+``edgekit convert minilm --format onnx`` reaches :func:`export_encoder` through the ONNX exporter,
+after the registered storage passes have decided the numbers (BlockQuant / Cast):
 
-1. Recipe: :func:`edgekit.encoder_quant.quantize_encoder` decides the numbers (BlockQuant / Cast).
-2. Trace: ``torch.onnx.export`` (TorchScript exporter, opset 18) of :class:`edgekit.encoder.SentenceEncoder`
+1. Trace: ``torch.onnx.export`` (TorchScript exporter, opset 18) of :class:`edgekit.encoder.SentenceEncoder`
    (transformers' BertModel + pooling + L2 normalization) from the *float* weights, with each
    transformer ``nn.Linear`` swapped for ``x @ W^T + b`` on a parameter named ``<hf name>_t`` so each
    matrix becomes one ``MatMul`` whose initializer we can find by name. Graph contract (what
    :mod:`edgekit.runtimes.onnxruntime_encoder` relies on): inputs ``input_ids`` and ``attention_mask``
    int64 [batch, seq]; output ``sentence_embedding`` float32 [batch, hidden].
-3. Surgery: 4- and 8-bit BlockQuant matrices become ``com.microsoft::MatMulNBits`` packed from the
+2. Surgery: 4- and 8-bit BlockQuant matrices become ``com.microsoft::MatMulNBits`` packed from the
    pass's integers and fp16 scales with :func:`edgekit.converters.onnx.pack_nbits` (the decoder
    exporter's packing, so every format carries the same numbers); the word embedding becomes
    ``com.microsoft::GatherBlockQuantized`` over the same packed layout; fp16 tensors are stored fp16
    and Cast to float32 at load.
-4. Validation, as a step of export: the artifact embeds the evaluation sentences in ONNX Runtime and
-   its embeddings are compared with the float reference's (cached). Cosine distance (1 - cos) beyond
-   the recipe's tolerance, in the mean or for the worst sentence, raises
-   :class:`~edgekit.errors.ValidationError` and nothing is left at the output path.
+The pipeline then validates the artifact (:class:`edgekit.kinds.EncoderKind`: embedding cosine against
+the float reference, within the storage pass's tolerance).
 
 Files: ``model.onnx`` (``model.onnx.data`` beside it above 1.8 GB), ``tokenizer.json`` (the source's,
 unchanged), ``onnx_config.json`` (``format: edgekit-onnx-encoder``, pooling, max_length, dim), and
@@ -26,18 +24,16 @@ unchanged), ``onnx_config.json`` (``format: edgekit-onnx-encoder``, pooling, max
 
 from __future__ import annotations
 
-import json
 import shutil
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from edgekit.converters.onnx import pack_nbits
 from edgekit.encoder import EMBEDDING, EncoderModel
-from edgekit.errors import EdgekitError, ValidationError
-from edgekit.model import BlockQuant, Cast
+from edgekit.formats import onnx as fmt
+from edgekit.model import BlockQuant
 
 OPSET = 18
 # accuracy_level 4 computes with int8 activations; 0 keeps them float32. Measured on MiniLM
@@ -45,22 +41,9 @@ OPSET = 18
 # the large M (= batch x tokens) of an encoder (0.79-0.95x of fp32's texts/s against level 0's
 # 0.88-0.93x) and cost cosine (int8 worst sentence 0.9974 vs 0.9992), so encoders keep level 0.
 ACCURACY_LEVEL = 0
-INLINE_LIMIT = 1_800_000_000
-CONFIG_FILE = "onnx_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-FORMAT = "edgekit-onnx-encoder"
-INPUTS = ("input_ids", "attention_mask")
-OUTPUT = "sentence_embedding"
-
-# Cosine distance (1 - cos) between the artifact's and the float reference's embeddings, per recipe:
-# mean over the sentences and worst sentence. int8/int4 means are the issue's bars (cos >= 0.99 / 0.97).
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"mean": 1e-5, "worst": 1e-4},
-    "fp16": {"mean": 1e-4, "worst": 1e-3},
-    "int8": {"mean": 0.01, "worst": 0.05},
-    "q4_0": {"mean": 0.03, "worst": 0.15},
-    "int4": {"mean": 0.03, "worst": 0.15},
-}
+ENCODER_BITS = (4, 8)
+INPUTS = fmt.ENCODER_INPUTS
+OUTPUT = fmt.ENCODER_OUTPUT
 
 
 def param_name(hf_name: str) -> str:
@@ -212,167 +195,58 @@ def rewrite(proto, model: EncoderModel, accuracy_level: int = ACCURACY_LEVEL) ->
     """Pack every encoded tensor of ``model`` into the traced float graph ``proto``; counts per storage type."""
     sg = _Surgery(proto, accuracy_level)
     for hf in model.linear_names():
-        enc = model.encoding(hf)
-        if isinstance(enc, BlockQuant) and enc.bits not in (4, 8):
-            raise EdgekitError(f"{hf}: {enc.bits}-bit weights have no MatMulNBits packing here", "use int8 or int4")
-        sg.matrix(hf, enc, model.tensors[hf])
+        if hf != EMBEDDING:
+            sg.matrix(hf, model.encoding(hf), model.tensors[hf])
     sg.embedding(model.encoding(EMBEDDING), model.tensors[EMBEDDING])
     sg.finish()
     return sg.counts
 
 
+def unsupported(model: EncoderModel) -> str | None:
+    """Why this graph cannot hold the encoder's encodings, or None."""
+    for hf in model.linear_names():
+        enc = model.encoding(hf)
+        if isinstance(enc, BlockQuant) and enc.bits not in ENCODER_BITS:
+            return f"{hf}: {enc.bits}-bit weights have no MatMulNBits packing in the encoder graph (int8 and int4 do)"
+    return None
+
+
 def runtime_config(model: EncoderModel) -> dict[str, Any]:
-    return {"format": FORMAT, "version": 1, "kind": "encoder", "inputs": list(INPUTS), "output": OUTPUT,
-            "dim": model.hidden_size, "max_length": model.max_length, "pooling": model.pooling,
-            "normalize": model.normalize, "name": model.name}
+    return {"inputs": list(INPUTS), "output": OUTPUT, "dim": model.hidden_size, "max_length": model.max_length,
+            "pooling": model.pooling, "normalize": model.normalize, "name": model.name}
 
 
-class ONNXEncoderExporter:
-    """Writes ``model.onnx`` + ``tokenizer.json`` + ``onnx_config.json`` for an :class:`EncoderModel`."""
+def export_encoder(model: EncoderModel, out_dir: Path, accuracy_level: int = ACCURACY_LEVEL) -> dict[str, Any]:
+    """Write ``model.onnx`` + ``tokenizer.json`` + ``onnx_config.json`` for an :class:`EncoderModel`."""
+    import onnx
 
-    name = "onnx"
-    filename = "model.onnx"
-    runtime = "onnxruntime"
-
-    def __init__(self, accuracy_level: int = ACCURACY_LEVEL):
-        self.accuracy_level = accuracy_level
-
-    def export(self, model: EncoderModel, out_dir: Path) -> dict[str, Any]:
-        import onnx
-
-        out_dir = Path(out_dir)
-        tmp = out_dir / ".onnx-trace"
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            export_float_graph(model, tmp / "float.onnx")
-            proto = onnx.load(str(tmp / "float.onnx"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        counts = rewrite(proto, model, self.accuracy_level)
-        proto.producer_name = "edgekit"
-        proto.doc_string = f"edgekit ONNX sentence encoder: {model.name}"
-        files = [self.filename]
-        path = out_dir / self.filename
-        if sum(len(t.raw_data) for t in proto.graph.initializer) > INLINE_LIMIT:
-            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=self.filename + ".data", size_threshold=1024)
-            files.append(self.filename + ".data")
-        else:
-            onnx.save_model(proto, str(path))
-        (out_dir / TOKENIZER_FILE).write_text(model.tokenizer_json, encoding="utf-8")
-        (out_dir / CONFIG_FILE).write_text(json.dumps(runtime_config(model), indent=1))
-        return {"file": self.filename, "kind": "encoder", "files": files + [TOKENIZER_FILE, CONFIG_FILE],
-                "opset": OPSET, "external_data": len(files) > 1, "tensor_types": counts,
-                "accuracy_level": self.accuracy_level, "inputs": list(INPUTS), "output": OUTPUT}
+    out_dir = Path(out_dir)
+    tmp = out_dir / ".onnx-trace"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        export_float_graph(model, tmp / "float.onnx")
+        proto = onnx.load(str(tmp / "float.onnx"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts = rewrite(proto, model, accuracy_level)
+    proto.producer_name = "edgekit"
+    proto.doc_string = f"edgekit ONNX sentence encoder: {model.name}"
+    files = save_model(proto, out_dir)
+    (out_dir / fmt.TOKENIZER_FILE).write_text(model.tokenizer_json, encoding="utf-8")
+    fmt.CONFIG.write(out_dir, runtime_config(model), "encoder")
+    return {"file": fmt.MODEL_FILE, "kind": "encoder", "files": files + [fmt.TOKENIZER_FILE, fmt.CONFIG_FILE],
+            "opset": OPSET, "external_data": len(files) > 1, "tensor_types": counts,
+            "accuracy_level": accuracy_level, "inputs": list(INPUTS), "output": OUTPUT}
 
 
-# ---------------------------------------------------------------- convert: recipe -> export -> validate
+def save_model(proto, out_dir: Path) -> list[str]:
+    """Save inline, or with one external-data file above protobuf's limit; the files written."""
+    import onnx
 
-
-def validate(quant: str, quality: dict[str, Any], artifact: str, tolerance: dict[str, float] | None = None) -> dict[str, Any]:
-    """Raise :class:`ValidationError` when the embeddings' cosine distance exceeds the recipe's tolerance."""
-    tol = tolerance if tolerance is not None else TOLERANCES[quant]
-    mean_d, worst_d = 1.0 - quality["cosine_mean"], 1.0 - quality["cosine_min"]
-    if mean_d > tol["mean"]:
-        raise ValidationError(artifact, f"{OUTPUT}: mean cosine distance (1 - cos) from the float reference", mean_d,
-                              tol["mean"], f"cosine mean {quality['cosine_mean']:.4f} over {quality['sentences']} sentences")
-    if worst_d > tol["worst"]:
-        raise ValidationError(artifact, f"{OUTPUT}: worst cosine distance (1 - cos) from the float reference", worst_d,
-                              tol["worst"], f"cosine min {quality['cosine_min']:.4f}, sentence #{quality['worst_index']}")
-    return {"passed": True, "tolerance": {"cosine_distance_mean": tol["mean"], "cosine_distance_worst": tol["worst"]}}
-
-
-def read_and_compress(model: str, quant: str, calib_text: str | None, compress: Callable, timings: dict[str, float],
-                      progress: Callable, log: Callable) -> tuple[Any, EncoderModel, EncoderModel, dict[str, Any], dict[str, Any]]:
-    """(source, float reference, compressed copy, recipe record, calibration info): what every encoder
-    exporter does before writing its format. ``compress(model, quant, calib, progress)`` encodes in place."""
-    from edgekit.encoder import load_encoder, resolve_encoder
-
-    source = resolve_encoder(model)
-    t0 = time.perf_counter()
-    log(f"reading {source.path.name} (BERT encoder)")
-    reference = load_encoder(source)
-    work = reference.copy()
-    timings["reference_s"] = time.perf_counter() - t0
-    calib_info: dict[str, Any] = {}
-
-    def calib() -> list[str]:
-        texts, label = calibration_sentences(calib_text)
-        calib_info.update({"text": label, "sentences": len(texts)})
-        return texts
-
-    t0 = time.perf_counter()
-    log(f"recipe {quant}")
-    record = compress(work, quant, calib, progress)
-    timings["pass_s"] = time.perf_counter() - t0
-    return source, reference, work, record, calib_info
-
-
-def calibration_sentences(path: str | None, limit: int = 256) -> tuple[list[str], str]:
-    """Sentence-sized pieces of the calibration text (default: the shipped one, disjoint from the eval set)."""
-    import re
-
-    from edgekit.harness.quality import read_text
-
-    text, label = read_text(path, "calibration")
-    pieces = [" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+|\n\s*\n", text)]
-    return [p for p in pieces if 20 <= len(p) <= 600][:limit], label
-
-
-def convert_encoder(model: str, format: str = "onnx", quant: str | None = None, out: str | Path = "out",
-                    force: bool = False, eval_text: str | None = None, calib_text: str | None = None,
-                    progress: Callable[[str, int, int], None] = lambda d, a, b: None,
-                    log: Callable[[str], None] = lambda s: None, tolerance: dict[str, float] | None = None,
-                    accuracy_level: int = ACCURACY_LEVEL, **ignored: Any) -> dict[str, Any]:
-    """Convert an encoder and write ``out/`` atomically (model + manifest). Returns the manifest.
-
-    ``tolerance`` overrides the recipe's cosine-distance tolerance ({"mean": ..., "worst": ...}).
-    """
-    from edgekit.atomic import atomic_output_dir, check_output_dir
-    from edgekit.encoder_quant import canonical_quant, quantize_encoder
-    from edgekit.harness.embedding import measure_quality, read_sentences
-    from edgekit.manifest import write_manifest
-
-    out = Path(out)
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    check_output_dir(out, force)
-    if format != "onnx":
-        raise EdgekitError(f"encoders export to onnx here, not {format}", "pass --format onnx")
-    quant = canonical_quant(quant)
-    if ignored.get("target"):
-        raise EdgekitError("--target plans are for decoders only", "drop --target and choose --quant")
-    sentences, sent_label = read_sentences(eval_text)
-    source, reference, work, record, calib_info = read_and_compress(model, quant, calib_text, quantize_encoder,
-                                                                    timings, progress, log)
-
-    exporter = ONNXEncoderExporter(accuracy_level)
-    with atomic_output_dir(out, force) as stage:
-        t0 = time.perf_counter()
-        log(f"writing {exporter.filename}")
-        export_info = exporter.export(work, stage)
-        timings["export_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        log(f"validating against the float reference ({len(sentences)} sentences)")
-        from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
-
-        with OnnxEncoderSession(stage / exporter.filename) as session:
-            quality = measure_quality(session, reference, source.sha256, sentences, sent_label, progress)
-        validation = validate(quant, quality, exporter.filename, tolerance)
-        timings["validate_s"] = time.perf_counter() - t0
-        weight_files = [p for p in stage.iterdir() if p.name.startswith(exporter.filename)]
-        timings["total_s"] = time.perf_counter() - t_all
-        manifest = {
-            "artifact": {"format": format, "runtime": exporter.runtime, **export_info},
-            "source": source.describe(),
-            "model": reference.describe(),
-            "recipe": {"quant": quant, "passes": [record], "calibration": calib_info or None},
-            "size_bytes": sum(p.stat().st_size for p in stage.iterdir() if p.is_file()),
-            "bits_per_weight": 8 * sum(p.stat().st_size for p in weight_files) / max(1, reference.num_parameters()),
-            "quality": quality,
-            "validation": validation,
-            "timings_s": timings,
-        }
-        write_manifest(stage, manifest)
-    return manifest
+    path = Path(out_dir) / fmt.MODEL_FILE
+    if sum(len(t.raw_data) for t in proto.graph.initializer) > fmt.INLINE_LIMIT:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=fmt.EXTERNAL_DATA, size_threshold=1024)
+        return [fmt.MODEL_FILE, fmt.EXTERNAL_DATA]
+    onnx.save_model(proto, str(path))
+    return [fmt.MODEL_FILE]

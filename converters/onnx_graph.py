@@ -178,8 +178,9 @@ def _kind(model: Model, name: str) -> tuple:
 class DecoderBuilder:
     """Builds the decoder graph of ``model`` (see the module docstring); :meth:`build` returns the proto."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, accuracy_level: int = ACCURACY_LEVEL):
         self.model = model
+        self.accuracy_level = accuracy_level
         self.g = _Graph()
         self.layout: dict[str, list[list[Any]]] = {}  # weight initializer -> [[tensor, rows], ...]
         self.counts: dict[str, int] = {}
@@ -214,7 +215,7 @@ class DecoderBuilder:
             n_out = sum(r[1] for r in rows)
             self._count(f"MatMulNBits{bits}", len(names))
             return g.op("MatMulNBits", [x, b, s], domain=MS, K=int(m.tensors[names[0]].shape[1]), N=n_out,
-                        bits=bits, block_size=bs, accuracy_level=ACCURACY_LEVEL)
+                        bits=bits, block_size=bs, accuracy_level=self.accuracy_level)
         w = np.concatenate([m.effective_weight(n) for n in names]).T  # [K, N]
         if kind[0] == "f16":
             wname = g.init(tag + ".f16", w.astype(np.float16))

@@ -57,23 +57,23 @@ def convert(
         the_recipe = recipes.load(recipe)
     elif any(v is not None for v in (prune, prune_heads, rank, recover)):
         the_recipe = recipes.from_flags(quant, prune, prune_heads, rank, rank_method, recover, uniform)
-    from edgekit.convert import convert as run_convert
+    from edgekit.pipeline import ConvertRequest, convert as run_convert
     from edgekit.progress import progress_bars
 
     err = _console(stderr=True)
     with progress_bars(not json_out) as progress:
-        manifest = run_convert(model, format, quant, out, force, str(eval_text) if eval_text else None,
-                               str(calib_text) if calib_text else None, calib_tokens, progress=progress,
-                               log=lambda s: err.print(f"[dim]{s}[/dim]") if not json_out else None,
-                               target=target, profile_dirs=list(profiles_dir) or None,
-                               limits={"max_latency_ms": max_latency_ms, "min_tok_s": min_tok_s, "max_kld": max_kld,
-                                       "min_top1": min_quality}, recipe=the_recipe)
+        manifest = run_convert(ConvertRequest(
+            model=model, format=format, quant=quant, out=out, force=force, recipe=the_recipe,
+            eval_text=str(eval_text) if eval_text else None, calib_text=str(calib_text) if calib_text else None,
+            calib_tokens=calib_tokens, target=target, profile_dirs=list(profiles_dir) or None,
+            limits={"max_latency_ms": max_latency_ms, "min_tok_s": min_tok_s, "max_kld": max_kld, "min_top1": min_quality},
+            progress=progress, log=lambda s: err.print(f"[dim]{s}[/dim]") if not json_out else None))
     if json_out:
         print(json.dumps(manifest, indent=2))
         return
     from edgekit.report import manifest_table, plan_table
 
-    if manifest["artifact"].get("kind") == "encoder":
+    if manifest["model"].get("kind") == "encoder":
         from edgekit.harness.embedding import manifest_table
     if "plan" in manifest:
         _console().print(plan_table(manifest["plan"]))

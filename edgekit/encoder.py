@@ -36,6 +36,8 @@ from edgekit.errors import InputError, MissingDependencyError, UnsupportedArchit
 from edgekit.model import EncodedTensors, Encoding
 
 ENCODER_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
 def _encoder_model_types() -> tuple[str, ...]:
     """Hugging Face model types of the registered architectures of kind "encoder"."""
     from edgekit import architectures
@@ -74,22 +76,11 @@ def packaged_minilm_dir() -> Path:
     return path
 
 
-@dataclass
-class EncoderSource:
-    """Where an encoder came from: ``kind`` is "package" (the shipped MiniLM) or "hf" (a directory)."""
-
-    kind: str
-    path: Path
-    sha256: str
-    files: list[Path] = field(default_factory=list)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path), "sha256": self.sha256, "model_type": "bert"}
-
-
-def resolve_encoder(model: str | os.PathLike) -> EncoderSource:
-    """Turn the MODEL argument into an :class:`EncoderSource` (weights are not read yet)."""
+def resolve_encoder(model: str | os.PathLike):
+    """Turn the MODEL argument into a :class:`edgekit.sources.Source` of kind "package" (the shipped
+    MiniLM) or "hf" (a directory); weights are not read yet."""
     from edgekit.cache import sha256_files
+    from edgekit.sources import Source
 
     if str(model).lower() in ENCODER_ALIASES:
         path, kind = packaged_minilm_dir(), "package"
@@ -104,7 +95,7 @@ def resolve_encoder(model: str | os.PathLike) -> EncoderSource:
         raise InputError(f"{path} has no tokenizer.json", "save the fast tokenizer too (tokenizer.save_pretrained)")
     extra = [path / n for n in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")]
     files = [path / "config.json", *weights, path / "tokenizer.json", *[p for p in extra if p.exists()]]
-    return EncoderSource(kind, path, sha256_files(files), files)
+    return Source(kind, path, sha256_files(files), files, model_kind="encoder")
 
 
 @dataclass
@@ -126,6 +117,7 @@ class EncoderModel(EncodedTensors):
     max_length: int = 256
     source: dict[str, Any] = field(default_factory=dict)
     encodings: dict[str, Encoding] = field(default_factory=dict)
+    kind = "encoder"
 
     @property
     def hidden_size(self) -> int:
@@ -136,8 +128,51 @@ class EncoderModel(EncodedTensors):
         return int(self.config["num_hidden_layers"])
 
     def linear_names(self) -> list[str]:
-        """The matrices of the transformer layers (what quantization encodes), in execution order."""
-        return [f"encoder.layer.{i}.{p}.weight" for i in range(self.num_layers) for p in LAYER_LINEARS]
+        """The matrices quantization passes encode: the word embedding, then the transformer layers' in execution order.
+
+        Position and token-type embeddings stay float32: a few hundred rows, gathered once per token.
+        """
+        return [EMBEDDING] + [f"encoder.layer.{i}.{p}.weight" for i in range(self.num_layers) for p in LAYER_LINEARS]
+
+    def output_head_name(self) -> str:
+        """An encoder has no vocabulary head; its word embedding plays the head's part in the recipes
+        (kept at 8 bits by the 4-bit ones): pooled embeddings are most sensitive to it."""
+        return EMBEDDING
+
+    def input_grams(self, sequences: list[list[int]], progress=None) -> dict[str, Any]:
+        """Mean ``x x^T`` (float64) of every layer matrix's input, one unpadded text per forward pass
+        (a padded batch would add padding positions' states, which no output depends on)."""
+        torch = _torch()
+        net = build_bert(self)
+        acc: dict[str, Any] = {}
+        counts: dict[str, int] = {}
+
+        def hook(key: str):
+            def fn(_mod, inputs):
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+                acc[key] = acc.get(key, 0) + x.T @ x
+                counts[key] = counts.get(key, 0) + x.shape[0]
+
+            return fn
+
+        handles = [mod.register_forward_pre_hook(hook(name + ".weight")) for name, mod in net.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and name + ".weight" in self.tensors]
+        # many tiny ops (batch-1 forwards of 384-wide matrices): one thread is much faster than two
+        # threads spinning for a core another process holds
+        with torch_threads(1), torch.inference_mode():
+            for k, ids in enumerate(sequences):
+                t = torch.tensor([ids], dtype=torch.long)
+                net(input_ids=t, attention_mask=torch.ones_like(t))
+                if progress:
+                    progress("calibration forward", k + 1, len(sequences))
+        for h in handles:
+            h.remove()
+        return {k: v / counts[k] for k, v in acc.items()}
+
+    def calibration_sequences(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each calibration text as the runtime feeds it (special tokens, truncation)."""
+        tok = text_tokenizer(self.tokenizer_json, self.max_length)
+        return [e.ids for e in tok.encode_batch(list(texts))]
 
     def copy(self) -> "EncoderModel":
         """A copy sharing the (read-only) float tensors, with its own encodings."""
@@ -201,13 +236,13 @@ def _required_names(cfg: dict[str, Any]) -> list[str]:
     return names
 
 
-def load_encoder(model: str | os.PathLike | EncoderSource) -> EncoderModel:
+def load_encoder(model) -> EncoderModel:
     """Read an encoder source into an :class:`EncoderModel` (float32 tensors; ~0.5 s for MiniLM)."""
     try:
         from safetensors import safe_open
     except ImportError:
         raise MissingDependencyError("reading an encoder needs safetensors and torch", "run `make setup`") from None
-    source = model if isinstance(model, EncoderSource) else resolve_encoder(model)
+    source = resolve_encoder(model) if isinstance(model, (str, os.PathLike)) else model
     path = source.path
     cfg = _read_json(path / "config.json")
     if cfg.get("model_type") not in _encoder_model_types():

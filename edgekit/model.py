@@ -111,7 +111,23 @@ class Model(EncodedTensors):
     tokenizer: dict[str, Any]
     name: str = "model"
     encodings: dict[str, Encoding] = field(default_factory=dict)
+    kind = "decoder"
 
+    def output_head_name(self) -> str:
+        """The matrix that projects to the vocabulary (the embedding when tied): kept at 8 bits by 4-bit recipes."""
+        return self.spec.output_head_name()
+
+    def input_grams(self, sequences: list[list[int]], progress=None) -> dict[str, Any]:
+        """Mean ``x x^T`` of each linear weight's input over ``sequences``, by weight name (lookups have none)."""
+        from edgekit.architectures.layout import input_key, is_linear_weight
+        from edgekit.architectures.torch_decoder import collect_input_grams
+
+        grams = collect_input_grams(self, sequences, progress)
+        return {n: grams[input_key(n)] for n in self.linear_names() if is_linear_weight(n)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "architecture": self.spec.arch, "parameters": self.num_parameters(),
+                "spec": self.spec.to_dict()}
 
     def tensor_order(self) -> list[str]:
         """Every tensor present, in the spec's order; a factorized linear lists its two factors in its place."""

@@ -72,17 +72,16 @@ def _content_sha256(file: Path) -> str:
 
 
 def _artifact_reference(path: Path) -> Reference:
-    from edgekit.registry import RUNTIMES
-    from edgekit.runtimes.onnxruntime_encoder import is_encoder_artifact
-    from edgekit.session import runtime_for
+    from edgekit.session import runtime_for, runtime_of
 
     file, runtime, _ = resolve_artifact(path)
     name = runtime or runtime_for(file)
     if name is None:
         raise InputError(f"--reference {path}: no runtime opens {file.name}", REFERENCE_HINT)
-    if is_encoder_artifact(file):
+    rt = runtime_of(file, name)
+    if rt.kind(file) == "encoder":
         raise InputError(f"--reference {path} is an encoder artifact", "a decoder's reference must be a decoder of the same model")
-    why = getattr(RUNTIMES.get(name), "unavailable_reason", lambda: None)()
+    why = rt.unavailable_reason()
     if why:
         raise InputError(f"--reference {path} cannot run here ({why})", "pass a reference this machine can run")
     return Reference("artifact", file, _content_sha256(file), opens=path, runtime=name)
@@ -204,29 +203,29 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
             progress: Callable[[str, int, int], None] = lambda d, a, b: None, targets: list[str] = (),
             context: int | None = None, prompt_tokens: int | None = None, cloud_url: str | None = None,
             profile_dirs: list[str] | None = None) -> dict[str, Any]:
+    from edgekit.session import runtime_of
+
     file, runtime, manifest = resolve_artifact(artifact)
-    from edgekit.runtimes.onnxruntime_encoder import is_encoder_artifact
-
-    if is_encoder_artifact(file):  # encoders: embedding cosine, texts/s, latency per batch
-        from edgekit.harness.embedding import profile_encoder
-
-        result = profile_encoder(file, manifest, eval_text, reference, speed_cfg.reps, quality, progress=progress)
-        result["host"] = host_info()
-        save_profile_result(file, result)
-        return result
-    from edgekit.registry import RUNTIMES
-    from edgekit.session import runtime_for
-
-    rt_name = runtime or runtime_for(file)
-    rt = RUNTIMES.get(rt_name) if rt_name else None
-    why = getattr(rt, "unavailable_reason", lambda: None)()
+    rt = runtime_of(file, runtime)
+    kind = rt.kind(file)
+    why = rt.unavailable_reason()
     if why:  # the runtime does not exist on this OS (Core ML off macOS): size, bits/weight, predictions
-        return rt.unmeasured_profile(file, manifest, why, list(targets), profile_dirs, context, prompt_tokens)
+        return unmeasured_profile(file, rt, kind, manifest, why, list(targets), profile_dirs, context, prompt_tokens)
+    profiles = {}
     if targets:  # fail on an unknown target before minutes of measuring
         from edgekit.targets.profiles import get_profile
 
         profiles = {t: get_profile(t, profile_dirs) for t in targets if t != "host"}
-    fmt = (manifest or {}).get("artifact", {}).get("format") or file.suffix.lstrip(".").lower()
+    if kind == "encoder":  # encoders: embedding cosine, texts/s, latency per batch
+        from edgekit.harness.embedding import profile_encoder
+        from edgekit.targets.encoder_predict import encoder_predictions
+
+        result = profile_encoder(file, manifest, eval_text, reference, speed_cfg.reps, quality, progress=progress)
+        result["host"] = host_info()
+        save_profile_result(file, result)
+        result.update(encoder_predictions(file, result, list(targets), profiles))
+        return result
+    fmt = (manifest or {}).get("artifact", {}).get("format") or rt.format
     text, label = read_text(eval_text, "eval")
     ref, ref_why = None, None
     if quality:  # a bad --reference fails before minutes of measuring, not after
@@ -261,7 +260,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
                 result["quality_note"] = note
     result["host"] = host_info()
     save_profile_result(file, result)
-    result.update(predictions(file, speed, text, targets, context, prompt_tokens, profiles if targets else {}, cloud_url))
+    result.update(predictions(file, speed, text, targets, context, prompt_tokens, profiles, cloud_url))
     return result
 
 
@@ -297,10 +296,8 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
 
     try:
         facts = artifact_facts(file)
-    except EdgekitError as exc:
-        # a GGUF always gets a roofline figure, so say why it has none; other formats only when asked
-        asked = bool(targets or cloud_url) or file.suffix.lower() == ".gguf"
-        return {"predictions_note": f"skipped: {exc.one_line()}"} if asked else {}
+    except EdgekitError as exc:  # every artifact gets a roofline figure: say why this one has none
+        return {"predictions_note": f"skipped: {exc.one_line()}"}
     host = host_figures()
     out: dict[str, Any] = {"roofline_percent": pr.roofline_percent(facts, speed, host)}
     if not targets and not cloud_url:
@@ -309,14 +306,14 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
     st = speed["settings"]
     measured_ctx = st["prompt_tokens"] + st["decode_tokens"] / 2
     out["calibration"] = how
-    out["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host), int(measured_ctx), st["prompt_tokens"], speed["n_ctx"])
+    out["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host, cal), int(measured_ctx), st["prompt_tokens"], speed["n_ctx"])
     ctx = context or int(measured_ctx)
     p = prompt_tokens or st["prompt_tokens"]
     out["targets"] = {}
     cloud: dict[str, Any] = {}
     for name in targets:
         if name == "host":
-            out["targets"]["host"] = pr.predict(facts, cal, pr.host_machine(host), ctx, p) | {"kind": "cpu"}
+            out["targets"]["host"] = pr.predict(facts, cal, pr.host_machine(host, cal), ctx, p) | {"kind": "cpu"}
             continue
         prof = profiles[name]
         if prof.is_cloud():
@@ -324,7 +321,7 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
 
             cloud[name] = simulate(facts, prof, p)
             continue
-        out["targets"][name] = pr.predict(facts, cal, pr.profile_machine(prof), ctx, p) | {"kind": prof.kind}
+        out["targets"][name] = pr.predict(facts, cal, pr.profile_machine(prof, cal), ctx, p) | {"kind": prof.kind}
     if cloud_url:
         from edgekit.targets.cloud import measure_endpoint
 
@@ -332,3 +329,57 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
     if cloud:
         out["cloud"] = cloud
     return out
+
+
+def unmeasured_profile(file: Path, rt, kind: str, manifest: dict | None, why: str, targets: list[str], profile_dirs,
+                       context: int | None, prompt_tokens: int | None) -> dict[str, Any]:
+    """``edgekit profile`` where the artifact's runtime cannot run here: size, bits per weight and
+    uncalibrated predictions from the artifact's facts (no kernel of that runtime was measured here:
+    each profile's bandwidth and compute with the predictor's default efficiency, as the notes say).
+
+    Targets default to the device profiles that list the runtime. Facts that cannot be read leave
+    size and bits per weight from the manifest and one ``predictions_note`` line saying why.
+    """
+    from edgekit.targets import encoder_predict as ep
+    from edgekit.targets import predict as pr
+    from edgekit.targets.profiles import get_profile, load_profiles
+
+    m = manifest or {}
+    result: dict[str, Any] = {
+        "artifact": str(file), "format": rt.format, "runtime": rt.name, "kind": kind, "model_kind": kind,
+        "size_bytes": m.get("size_bytes"), "bits_per_weight": m.get("bits_per_weight"),
+        "parameters": m.get("model", {}).get("parameters"), "tensor_types": m.get("artifact", {}).get("tensor_types"),
+        "recipe": m.get("recipe", {}).get("quant"), "speed": None, "speed_note": why,
+        "quality": None, "quality_note": f"not measured: {why}", "targets": {},
+    }
+    try:
+        facts = rt.facts(file)
+    except EdgekitError as exc:
+        if result["size_bytes"] is None:
+            from edgekit.targets.coreml_facts import tree_bytes
+
+            result["size_bytes"] = tree_bytes(file)
+        result["predictions_note"] = f"skipped: {exc.one_line()}"
+        return result
+    result.update(size_bytes=facts.size_bytes, parameters=facts.parameters,
+                  bits_per_weight=8 * facts.size_bytes / max(1, facts.parameters))
+    names = list(targets) or [n for n, p in sorted(load_profiles(profile_dirs).items()) if rt.name in p.runtimes]
+    for name in names:
+        if name == "host":
+            continue
+        prof = get_profile(name, profile_dirs)
+        if prof.is_cloud():
+            continue
+        machine = pr.profile_machine(prof)
+        machine.calibrated_runtimes = ()  # nothing of this runtime was measured, whatever is stored
+        if kind == "encoder":
+            pred = ep.predict(facts, ep.uncalibrated(facts), machine, ep.typical_tokens(facts))
+        else:
+            unc = 1 / pr.UNCALIBRATED_EFFICIENCY
+            cal = pr.Calibration(rt.name, rt.format, {}, unc, {}, unc, 0.0, 0.0, {})
+            pred = pr.predict(facts, cal, machine, context or 1024, prompt_tokens or 128,
+                              int(facts.extra.get("context") or 0) or None) | {"kind": prof.kind}
+            pred["notes"].append("peak memory counts weights and the KV cache only (no runtime overhead measured)")
+        result["targets"][name] = pred
+    result["calibration"] = f"uncalibrated: {rt.name} cannot run on this host"
+    return result

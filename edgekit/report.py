@@ -47,7 +47,7 @@ def profile_table(r: dict[str, Any]) -> Table:
     t = Table(title=f"edgekit profile {r['artifact']}", show_header=False)
     bpw = r.get("bits_per_weight")
     if r.get("speed_note"):  # nothing could be measured here (the runtime does not exist on this OS)
-        t.add_row("format / runtime", f"{r['format']} / {r['runtime']}")
+        t.add_row("format / runtime", f"{r['format']}{' encoder' if r.get('kind') == 'encoder' else ''} / {r['runtime']}")
         t.add_row("size", f"{_mb(r['size_bytes'])}" + (f" at {bpw:.2f} bits/weight" if bpw else ""))
         t.add_row("speed and memory", f"not measured: {r['speed_note']}")
         t.add_row("quality", r.get("quality_note") or "-")
@@ -76,6 +76,8 @@ def predictions_table(r: dict[str, Any]) -> Table | None:
     """Measured host figures next to predicted ones, per target, and cloud baselines."""
     if not r.get("targets") and not r.get("cloud"):
         return None
+    if r.get("kind") == "encoder":
+        return encoder_predictions_table(r)
     t = Table(title=f"predicted per target ({r.get('calibration', '')})")
     for c in ("target", "kind", "decode tok/s", "TTFT ms", "load s", "peak memory", "budget", "fits", "$/1k tok"):
         t.add_column(c)
@@ -97,7 +99,33 @@ def predictions_table(r: dict[str, Any]) -> Table | None:
     return t
 
 
+def encoder_predictions_table(r: dict[str, Any]) -> Table:
+    """Texts/s and latency per batch: measured on the host, predicted per target."""
+    preds = dict(r.get("targets") or {})
+    some = next(iter(preds.values()), None) or r.get("predicted_host") or {}
+    sizes = list((some.get("batches") or {"1": 0, "32": 0}).keys())
+    tokens = some.get("tokens_per_text")
+    t = Table(title=f"predicted per target, encoder at {_fmt(tokens, '.0f')} tokens per text ({r.get('calibration', '')})")
+    for c in ["target", "kind"] + [f"batch {b}: ms" for b in sizes] + [f"texts/s @{sizes[-1]}", "memory", "budget", "fits"]:
+        t.add_column(c)
+    if "texts_s" in r and r.get("settings"):  # measured here (at the set's own lengths, not the table's)
+        t.add_row("host (measured)", "cpu", *["-"] * (len(sizes) - 1), f"{r['batch_latency_ms']:.1f} (@{r['settings']['batch_size']})",
+                  f"{r['texts_s']:.0f}", _mb(r.get("peak_rss_bytes")), "-", "-")
+    rows = ([("host (predicted)", r["predicted_host"])] if r.get("predicted_host") else []) + list(preds.items())
+    for name, p in rows:
+        fits = p.get("fits")
+        t.add_row(name, p.get("kind", ""), *[f"{p['batches'][b]['latency_ms']:.2f}" for b in sizes],
+                  f"{p['texts_s']:.0f}", _mb(p.get("peak_memory_bytes")), _mb(p.get("memory_budget_bytes")),
+                  "-" if fits is None else ("yes" if fits else "[red]NO[/red]"))
+    return t
+
+
 def calibration_table(cal) -> Table:
+    if hasattr(cal, "overhead_s"):  # an encoder calibration: one compute efficiency and a per-call cost
+        t = Table(title=f"calibration {cal.describe()}", show_header=False)
+        t.add_row("compute efficiency (% of f32 matmul)", _fmt(100 / cal.y if cal.y else None, ".1f"))
+        t.add_row("fixed cost per call", f"{1000 * cal.overhead_s:.2f} ms")
+        return t
     t = Table(title=f"calibration {cal.runtime}/{cal.format} ({len(cal.points)} artifacts, host read "
                     f"{cal.host['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s, f32 matmul {cal.host['compute_flops']['f32'] / 1e9:.0f} GFLOP/s)")
     for c in ("weight type", "decode: % of bandwidth roofline", "prefill: % of compute roofline"):

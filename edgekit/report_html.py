@@ -811,6 +811,57 @@ footer{color:var(--muted);font-size:12px;margin-top:30px}
 """
 
 
+def _is_encoder(a: dict) -> bool:
+    return _s(a.get("kind")) == "encoder"
+
+
+def _encoder_table(arts: list[dict]) -> str:
+    """Sentence encoders: texts/s and latency per batch, measured here and predicted per target."""
+    rows = []
+    for a in arts:
+        m, ph = _d(a.get("measured")), _d(a.get("predicted_host"))
+        q = _d(a.get("quality"))
+        tokens = _fmt(a.get("tokens_per_text"), ".0f")
+        if m:
+            bs = _s(m.get("batch_size"), "?")
+            rows.append([f"<b>{_e(a['name'])}</b>", "this host (measured)", "cpu", _na("set's own lengths"),
+                         _fmt(m.get("single_latency_ms"), ",.2f", "ms"),
+                         _fmt(m.get("batch_latency_ms"), ",.1f", "ms") + f' <span class="sub">(batch {html.escape(bs)})</span>',
+                         _fmt(m.get("texts_s"), ",.0f"), _mb(m.get("peak_rss_bytes")), _na("-"),
+                         _fmt(q.get("cosine_mean"), ".5f")])
+            rows.append([f"<b>{_e(a['name'])}</b>", "this host (predicted)", "cpu", _na("same calls"),
+                         _fmt(ph.get("single_latency_ms"), ",.2f", "ms", missing="not predicted") + " "
+                         + _err_cell(ph.get("single_latency_ms"), m.get("single_latency_ms")),
+                         _fmt(ph.get("batch_latency_ms"), ",.1f", "ms", missing="not predicted") + " "
+                         + _err_cell(ph.get("batch_latency_ms"), m.get("batch_latency_ms")),
+                         _na("-"), _na("-"), _na("-"), _na("-")])
+        for t, rec in _d(a.get("targets")).items():
+            rec = _d(rec)
+            b = _d(rec.get("batches"))
+            rows.append([f"<b>{_e(a['name'])}</b>", _e(t), _e(rec.get("kind"), "?"), tokens,
+                         _fmt(_d(b.get("1")).get("latency_ms"), ",.2f", "ms", missing="not predicted"),
+                         _fmt(_d(b.get("32")).get("latency_ms"), ",.1f", "ms", missing="not predicted"),
+                         _fmt(rec.get("texts_s"), ",.0f", missing="not predicted"),
+                         _mb(rec.get("peak_memory_bytes"), missing="not predicted"), _bool(rec.get("fits")),
+                         _fmt(q.get("cosine_mean"), ".5f")])
+    if not rows:
+        return '<p class="nodata">no data: no encoder in the report.</p>'
+    return _table(["artifact", "where", "kind", "tokens/text", "latency, 1 text", "latency, batch of 32",
+                   "texts/s (batch 32)", "memory", "fits", "cosine vs float"], rows, "num")
+
+
+def _notes_list(arts: list[dict]) -> str:
+    """Why an artifact has no measurement or no prediction, and which calibration each rests on."""
+    items = []
+    for a in arts:
+        for key in ("measured_note", "predictions_note", "calibration"):
+            if a.get(key):
+                label = {"measured_note": "measurement", "predictions_note": "predictions", "calibration": "calibration"}[key]
+                items.append(f"<li><b>{_e(a['name'])}</b> ({_e(a.get('format'), '?')}"
+                             f"{' encoder' if _is_encoder(a) else ''}) {label}: {_e(a.get(key))}</li>")
+    return f"<ul class=\"notes\">{''.join(items)}</ul>" if items else ""
+
+
 def _cards(data: dict, arts: list[dict], cloud: dict) -> str:
     host = _d(data.get("host"))
     items = [(str(len(arts)), "artifacts"), (str(len(_target_names(arts))), "target devices"),
@@ -860,6 +911,8 @@ def render_html(data: dict) -> str:
             parts.append(f'<div class="tablewrap narrow">{_host_table(host)}</div>')
     else:
         parts.append(_cards(data, arts, cloud))
+        encoders = [a for a in arts if _is_encoder(a)]
+        arts = [a for a in arts if not _is_encoder(a)]  # the plots and tables below are of decoders
         parts.append("<h2>Plots</h2>")
         parts.append(_safe_plot("size-quality-latency", "Size, quality and predicted speed",
                                 lambda: _plot_size_quality_latency(arts)))
@@ -871,11 +924,18 @@ def render_html(data: dict) -> str:
         parts.append("<h2>Edge vs cloud</h2>")
         parts.append(f'<div class="tablewrap">{_edge_cloud_table(arts, cloud)}</div>')
         parts.append("<h2>Artifacts and quality</h2>")
-        parts.append(f'<div class="tablewrap">{_artifact_table(arts)}</div>')
+        parts.append(f'<div class="tablewrap">{_artifact_table(arts + encoders)}</div>')
         parts.append("<h2>This host: measured vs predicted</h2>")
         parts.append(f'<div class="tablewrap">{_host_perf_table(arts)}</div>')
         parts.append("<h2>Target devices (predicted)</h2>")
         parts.append(f'<div class="tablewrap">{_targets_table(arts)}</div>')
+        if encoders:
+            parts.append("<h2>Sentence encoders: texts/s and latency per batch</h2>")
+            parts.append(f'<div class="tablewrap">{_encoder_table(encoders)}</div>')
+        notes = _notes_list(arts + encoders)
+        if notes:
+            parts.append("<h2>Notes</h2>")
+            parts.append(notes)
         parts.append("<h2>Host</h2>")
         parts.append(f'<div class="tablewrap narrow">{_host_table(host)}</div>' if host else
                      '<p class="nodata">no data: host not described.</p>')

@@ -28,15 +28,17 @@ CACHE_LAYOUT = "2"
 
 @dataclass
 class Source:
-    """Where a model came from: ``kind`` is "default", "gguf" or "hf"."""
+    """Where a model came from: ``kind`` is "default", "gguf", "hf" or "package" (the shipped MiniLM);
+    ``model_kind`` is the registered architecture's kind, "decoder" or "encoder"."""
 
     kind: str
     path: Path
     sha256: str
     files: list[Path] = field(default_factory=list)
+    model_kind: str = "decoder"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path), "sha256": self.sha256}
+        return {"kind": self.kind, "path": str(self.path), "sha256": self.sha256, "model_kind": self.model_kind}
 
     @property
     def gguf_file(self) -> Path | None:
@@ -57,7 +59,15 @@ def default_model_path() -> Path:
 
 
 def resolve(model: str | None) -> Source:
-    """Turn the MODEL argument of the CLI into a :class:`Source` (no weights are read yet)."""
+    """Turn the MODEL argument of the CLI into a :class:`Source` (no weights are read yet).
+
+    The one place a model's kind is decided: an encoder alias, or a directory whose config.json names
+    an architecture of kind "encoder", is an encoder; everything else is a decoder.
+    """
+    from edgekit.encoder import is_encoder, resolve_encoder
+
+    if is_encoder(model):
+        return resolve_encoder(model)
     if model in (None, "", DEFAULT_MODEL, "default"):
         path = default_model_path()
         return Source("default", path, sha256_file(path), [path])
@@ -82,9 +92,15 @@ def resolve(model: str | None) -> Source:
 # ---------------------------------------------------------------- loading, with a cache
 
 
-def load_reference(source: Source, progress=None) -> Model:
-    """The float32 reference model for ``source``, dequantized once and then read from the cache."""
+def load_reference(source: Source, progress=None):
+    """The float32 reference model for ``source`` (a decoder: dequantized once, then read from the
+    cache; an encoder: read straight from its safetensors)."""
     from safetensors.numpy import load_file, save_file
+
+    if source.model_kind == "encoder":
+        from edgekit.encoder import load_encoder
+
+        return load_encoder(source)
 
     cdir = cache_dir("reference", f"{source.sha256[:20]}-v{CACHE_LAYOUT}")
     meta_path, weights_path = cdir / "meta.json", cdir / "model.safetensors"

@@ -17,9 +17,12 @@ from onnx import numpy_helper
 
 import edgekit
 from edgekit.converters.onnx import unpack_nbits
-from edgekit.converters.onnx_encoder import ONNXEncoderExporter, convert_encoder, param_name
+from edgekit.convert import ConvertRequest, convert
+from edgekit.converters.onnx import ONNXExporter
+from edgekit.converters.onnx_encoder import param_name
 from edgekit.encoder import EMBEDDING, EncoderReference, is_encoder, load_encoder, packaged_minilm_dir
-from edgekit.encoder_quant import quantize_encoder
+from edgekit.passes import PassContext
+from edgekit.registry import PASSES
 from edgekit.errors import EdgekitError, InputError, ValidationError
 from edgekit.harness.embedding import cosines, read_sentences
 from edgekit.model import BlockQuant
@@ -52,14 +55,14 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 def _export(model, d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    ONNXEncoderExporter().export(model, d)
+    ONNXExporter().export(model, d)
     return d / "model.onnx"
 
 
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_bert, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int8") / "art"
-    convert_encoder(str(tiny_bert), "onnx", "int8", out)
+    convert(ConvertRequest(str(tiny_bert), "onnx", "int8", out))
     return out
 
 
@@ -70,7 +73,8 @@ def test_reads_bert_directory(tiny_bert):
     assert is_encoder(tiny_bert) and is_encoder("minilm") and not is_encoder(None)
     m = load_encoder(tiny_bert)
     assert (m.pooling, m.normalize, m.max_length) == ("mean", True, 128)
-    assert len(m.linear_names()) == 12 and all(m.tensors[n].dtype == np.float32 for n in m.tensors)
+    assert len(m.linear_names()) == 1 + 12 and m.linear_names()[0] == EMBEDDING  # word embedding + 6 per layer
+    assert all(m.tensors[n].dtype == np.float32 for n in m.tensors)
 
 
 def test_packaged_minilm_settings():
@@ -108,10 +112,10 @@ def test_fp32_onnx_matches_reference_and_batches(tiny_bert, tmp_path):
 def test_packed_numbers_read_back_exactly(tiny_bert, tmp_path, quant):
     """model.onnx holds the recipe's very integers and scales; ORT computes what they say."""
     m = load_encoder(tiny_bert)
-    quantize_encoder(m, quant)
+    PASSES.get(quant)().apply(m, PassContext())
     path = _export(m, tmp_path / quant)
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-    for n in m.linear_names():
+    for n in m.linear_names()[1:]:  # the layer matrices; the word embedding is checked below
         enc = m.encoding(n)
         if isinstance(enc, BlockQuant):
             p = param_name(n)
@@ -147,7 +151,8 @@ def test_load_returns_encoder_session_without_torch(tiny_int8):
 def test_zero_tolerance_fails_and_leaves_nothing(tiny_bert, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(ValidationError) as err:
-        convert_encoder(str(tiny_bert), "onnx", "int8", out, tolerance={"mean": 0.0, "worst": 0.0})
+        convert(ConvertRequest(str(tiny_bert), "onnx", "int8", out,
+                               tolerance={"cosine_distance_mean": 0.0, "cosine_distance_worst": 0.0}))
     assert "sentence_embedding" in err.value.one_line() and err.value.tolerance == 0.0
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -164,17 +169,20 @@ def test_corrupted_weights_fail_default_tolerance(tiny_bert, tmp_path, monkeypat
 
     monkeypatch.setattr(oe, "pack_nbits", broken)
     with pytest.raises(ValidationError):
-        convert_encoder(str(tiny_bert), "onnx", "int8", tmp_path / "bad")
+        convert(ConvertRequest(str(tiny_bert), "onnx", "int8", tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
 
 
 def test_bad_inputs_one_line(tiny_int8, tiny_bert, tmp_path):
     with pytest.raises(EdgekitError) as err:
-        convert_encoder(str(tiny_bert), "gguf", "int8", tmp_path / "g")
+        convert(ConvertRequest(str(tiny_bert), "gguf", "int8", tmp_path / "g"))
     assert "--format onnx" in err.value.one_line()
     with pytest.raises(EdgekitError) as err:
-        convert_encoder(str(tiny_bert), "onnx", "int3", tmp_path / "g")
-    assert "Known: fp32" in err.value.one_line()
+        convert(ConvertRequest(str(tiny_bert), "onnx", "int3", tmp_path / "g"))
+    assert "int3" in err.value.one_line() and "int4" in err.value.one_line()
+    with pytest.raises(EdgekitError) as err:  # a decoder-only pass is refused before any work
+        convert(ConvertRequest(str(tiny_bert), "onnx", "prune", tmp_path / "g"))
+    assert "decoder" in err.value.one_line() and not (tmp_path / "g").exists()
     broken = tmp_path / "trunc"
     shutil.copytree(tiny_int8, broken)
     data = (broken / "model.onnx").read_bytes()
@@ -224,7 +232,7 @@ def test_minilm_reference_is_sentence_transformers():
 @pytest.mark.e2e
 @pytest.mark.parametrize("quant,bar", [("int8", 0.99), ("int4", 0.97)])
 def test_minilm_cosine_bars(tmp_path, quant, bar):
-    man = convert_encoder("minilm", "onnx", quant, tmp_path / quant)
+    man = convert(ConvertRequest("minilm", "onnx", quant, tmp_path / quant))
     q = man["quality"]
     assert q["sentences"] >= 200 and q["cosine_mean"] >= bar, q
     with edgekit.load(tmp_path / quant) as s:  # measured again through the public API

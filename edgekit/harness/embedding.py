@@ -144,6 +144,7 @@ def measure_in_process(artifact: str, sentences: list[str], cfg: EmbedSpeedConfi
         batch_ms.append(statistics.median(full))
         single_ms.append(one)
     n_threads = s.n_threads
+    tokens = token_counts(s, sentences, batches, [sentences[r % len(sentences)] for r in range(1, cfg.reps + 1)])
     s.close()
     return {
         "kind": "encoder",
@@ -160,7 +161,20 @@ def measure_in_process(artifact: str, sentences: list[str], cfg: EmbedSpeedConfi
         "spread": {"load_s": summary(loads), "texts_s": summary(rates), "batch_latency_ms": summary(batch_ms),
                    "single_latency_ms": summary(single_ms)},
         "settings": asdict(cfg) | {"texts": len(sentences)},
+        "tokens": tokens,
     }
+
+
+def token_counts(session, sentences: list[str], batches: list[list[str]], singles: list[str]) -> dict[str, Any]:
+    """Tokens per text and the padded length of each measured batch (one ``embed`` call pads to its
+    longest text): what the encoder predictor is calibrated and checked at."""
+    if not hasattr(session, "tokenize"):
+        return {}
+    n = {t: len(session.tokenize(t)) for t in sentences}
+    padded = [{"n": len(b), "padded": max(n[t] for t in b)} for b in batches]
+    full = [b["padded"] for b in padded if b["n"] == len(batches[0])]
+    return {"median": statistics.median(n.values()), "texts": len(sentences), "batches": padded,
+            "batch_padded_median": statistics.median(full), "single_median": statistics.median(n[t] for t in singles)}
 
 
 def measure(artifact: str, sentences: list[str], cfg: EmbedSpeedConfig, timeout: float = 1800) -> dict[str, Any]:
@@ -250,6 +264,11 @@ def manifest_table(m: dict[str, Any], out: Path):
 
 def profile_table(r: dict[str, Any]):
     from rich.table import Table
+
+    if r.get("speed_note"):  # the runtime cannot run here: nothing measured, the shared layout says so
+        from edgekit.report import profile_table as unmeasured
+
+        return unmeasured(r)
 
     def spread(key: str, fmt: str) -> str:
         s = r.get("spread", {}).get(key)

@@ -27,7 +27,12 @@ class PassContext:
 
 
 class Pass:
-    """Base class. Subclasses set ``name`` and implement :meth:`apply`."""
+    """Base class. Subclasses set ``name`` and implement :meth:`apply`.
+
+    Besides the numbers, a pass declares what the pipeline must know about it: the model kinds it
+    applies to, whether it changes shapes, the tolerance an artifact holding its numbers must meet at
+    export time, and the warnings its result calls for.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -36,6 +41,14 @@ class Pass:
     param_types: ClassVar[dict[str, type]] = {}
     # structural passes change shapes; the others only choose how each tensor is stored
     structural: ClassVar[bool] = False
+    # the model kinds whose tensors this pass knows how to compress ("decoder", "encoder")
+    kinds: ClassVar[frozenset[str]] = frozenset({"decoder"})
+    # Export-time validation when this pass is the whole recipe: the artifact against the float
+    # reference, per quality metric (decoders: mean KL divergence; encoders: cosine distance 1 - cos,
+    # mean and worst sentence). A correct export lands far inside; a broken one (wrong layout, wrong
+    # scales) far outside. Mean KLD rather than top-1: a random tiny model's near-flat distributions
+    # flip their argmax under any rounding.
+    tolerance: ClassVar[dict[str, float]] = {"kld_mean": 1.0}
 
     def __init__(self, **params: Any):
         self.params = params
@@ -44,6 +57,10 @@ class Pass:
         """Compress ``model`` in place and return a JSON-able record of what was done."""
         raise NotImplementedError
 
+    def warnings(self, record: dict[str, Any], quality: dict[str, Any]) -> list[str]:
+        """Loud warnings a user must see about what this pass did, given the model's quality after it."""
+        return []
+
 
 def is_output_head(model: Model, name: str) -> bool:
-    return name == model.spec.output_head_name()
+    return name == model.output_head_name()

@@ -9,6 +9,8 @@ from edgekit.passes import Pass, PassContext
 class F16Pass(Pass):
     name = "f16"
     description = "float16 weights (norms float32)"
+    kinds = frozenset({"decoder", "encoder"})
+    tolerance = {"kld_mean": 5e-3, "cosine_distance_mean": 1e-4, "cosine_distance_worst": 1e-3}
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         names = model.linear_names()
@@ -22,6 +24,8 @@ class F32Pass(Pass):
 
     name = "fp32"
     description = "float32 weights (no quantization)"
+    kinds = frozenset({"decoder", "encoder"})
+    tolerance = {"kld_mean": 1e-3, "cosine_distance_mean": 1e-5, "cosine_distance_worst": 1e-4}
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         return {"pass": self.name, "tensors": 0}

@@ -20,7 +20,6 @@ on CPU (NNCF and AutoGPTQ target their own formats), hence this module.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
@@ -109,16 +108,17 @@ class Int4Pass(Pass):
     name = "int4"
     description = "data-aware 4-bit (GPTQ + activation-weighted scale search), Q4_0 container, output head Q8_0"
     needs_calibration = True
+    kinds = frozenset({"decoder", "encoder"})
+    tolerance = {"kld_mean": 0.6, "cosine_distance_mean": 0.03, "cosine_distance_worst": 0.15}
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         from edgekit.passes.rtn import quantize_q4_0
-        from edgekit.architectures.layout import input_key, is_linear_weight
-        from edgekit.architectures.torch_decoder import collect_input_grams
 
         if ctx.calibration_tokens is None:
             raise ValueError("int4 needs calibration tokens")
         seqs = ctx.calibration_tokens()
-        hessians = collect_input_grams(model, seqs, ctx.progress)
+        # input Gram matrices of every matrix, by weight name, from the model's own forward pass
+        hessians = model.input_grams(seqs, ctx.progress)
         names = model.linear_names()
         gains = []
         for k, n in enumerate(names):
@@ -126,11 +126,11 @@ class Int4Pass(Pass):
             if is_output_head(model, n):
                 model.encodings[n] = quantize_q8_0(w)
                 continue
-            if not is_linear_weight(n):
+            if n not in hessians:
                 # an untied input embedding is a lookup: no input statistics to compensate with
                 model.encodings[n] = quantize_q4_0(w)
                 continue
-            H = hessians[input_key(n)]
+            H = hessians[n]
             bq = gptq_quantize(w, H, damp=float(self.params.get("damp", 0.01)))
             # keep a record of what the data-aware search bought over round-to-nearest, per layer
             gains.append(layer_output_error(w, quantize_q4_0(w), H) / max(layer_output_error(w, bq, H), 1e-30))

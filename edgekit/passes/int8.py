@@ -16,6 +16,7 @@ from edgekit.passes.rtn import Q8_0Pass
 class Int8Pass(Q8_0Pass):
     name = "int8"
     description = "8-bit weight-only, blocks of 32 with fp16 scales (the Q8_0 numbers)"
+    # embedding / output head included: every matrix at 8 bits
 
     def apply(self, model, ctx) -> dict:
         record = super().apply(model, ctx)

@@ -47,6 +47,9 @@ def quantize_q8_0(w: np.ndarray, block: int = BLOCK) -> BlockQuant:
 class Q8_0Pass(Pass):
     name = "q8_0"
     description = "8-bit round-to-nearest, blocks of 32 (llama.cpp Q8_0)"
+    kinds = frozenset({"decoder", "encoder"})
+    # encoders: cos >= 0.99 on average
+    tolerance = {"kld_mean": 2e-2, "cosine_distance_mean": 0.01, "cosine_distance_worst": 0.05}
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         names = model.linear_names()
@@ -65,6 +68,9 @@ class Q4_0Pass(Pass):
 
     name = "q4_0"
     description = "4-bit round-to-nearest, blocks of 32 (llama.cpp Q4_0), output head Q8_0"
+    kinds = frozenset({"decoder", "encoder"})
+    # encoders: cos >= 0.97 on average
+    tolerance = {"kld_mean": 0.6, "cosine_distance_mean": 0.03, "cosine_distance_worst": 0.15}
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         names = model.linear_names()

@@ -60,6 +60,18 @@ class TernaryPass(Pass):
     description = "ternary {-1,0,+1} x absmean block scales (BitNet b1.58), optional distillation with a straight-through estimator; output head Q8_0"
     needs_calibration = False
     param_types = {"recover": int, "lr": float}
+    # post-training ternary wrecks an encoder trained in float; it is allowed to show a format holds it
+    kinds = frozenset({"decoder", "encoder"})
+
+    def warnings(self, record: dict[str, Any], quality: dict[str, Any]) -> list[str]:
+        """A ternary model without (enough) recovery is usually broken: say so loudly."""
+        kld = quality.get("kld_mean")
+        if kld is None or kld <= BROKEN_KLD:
+            return []
+        how = "even with recovery" if record.get("recovery") else "without recovery"
+        return [f"ternary {how}: mean KLD {kld:.2f} > {BROKEN_KLD} (perplexity {quality.get('ppl', float('nan')):.1f} "
+                f"vs {quality.get('ref_ppl', float('nan')):.1f}): this model is broken; "
+                + ("add --recover STEPS" if not record.get("recovery") else "recover longer")]
 
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
         steps = int(self.params.get("recover", 0))
@@ -67,6 +79,8 @@ class TernaryPass(Pass):
         record: dict[str, Any] = {"pass": self.name, "tensors": len(names), "output_head": "q8_0",
                                   "scale": "absmean per block (fp16)"}
         if steps > 0:
+            if getattr(model, "kind", "decoder") != "decoder":
+                raise ValueError("ternary recovery distills a decoder's next-token distribution; encoders take it without --recover")
             from edgekit.passes.recovery import distill, recovery_windows, teacher_logprobs
             from edgekit.architectures.torch_decoder import DecoderNet
 

@@ -13,36 +13,48 @@ from edgekit.targets import predict as pr
 from edgekit.targets.facts import artifact_facts
 from edgekit.targets.host import host_figures
 
-# Three storage types with three different kernels: enough to fit one factor per type.
-DEFAULT_RECIPES = ("f16", "q8_0", "q4_0")
+# Three storage types with three different kernels per runtime: enough to fit one factor per type.
+# GGUF (llama.cpp) F16 / Q8_0 / Q4_0; ONNX (ONNX Runtime) F16 / MatMulNBits 8 / MatMulNBits 4.
+DEFAULT_RECIPES = {"gguf": ("f16", "q8_0", "q4_0"), "onnx": ("f16", "q8_0", "q4_0")}
 CALIBRATION_CONFIG = SpeedConfig(reps=5, long_context=1024)
 
 
-def default_artifacts(log: Callable[[str], None], progress) -> list[Path]:
-    """The embedded model at the default recipes, converted once into the cache."""
+def default_artifacts(log: Callable[[str], None], progress, formats: tuple[str, ...] = tuple(DEFAULT_RECIPES)) -> list[Path]:
+    """The embedded model at the default recipes of each format, converted once into the cache."""
     from edgekit.convert import convert
 
     root = cache_dir("calibration-artifacts")
     out = []
-    for quant in DEFAULT_RECIPES:
-        d = root / quant
-        if not (d / "manifest.json").exists():
-            log(f"converting the default model to {quant} for calibration")
-            convert(None, "gguf", quant, d, force=True, progress=progress)
-        out.append(d)
+    for fmt in formats:
+        for quant in DEFAULT_RECIPES[fmt]:
+            d = root / (quant if fmt == "gguf" else f"{fmt}-{quant}")  # GGUF keeps the cache layout it had
+            if not (d / "manifest.json").exists():
+                log(f"converting the default model to {fmt} {quant} for calibration")
+                convert(None, fmt, quant, d, force=True, progress=progress)
+            out.append(d)
     return out
 
 
 def measure_points(artifacts: list[str | Path], cfg: SpeedConfig = CALIBRATION_CONFIG,
                    progress=lambda d, a, b: None) -> list[dict[str, Any]]:
     text, _ = read_text(None)
+    from edgekit.session import artifact_kind
+
     points = []
     for i, a in enumerate(artifacts):
         file, _, _ = resolve_artifact(a)
         facts = artifact_facts(file)
-        speed = measure(str(file), text, cfg)
-        speed["name"] = str(a)
-        points.append(pr.point_from_speed(facts, speed) | {"speed": speed})
+        if artifact_kind(file) == "encoder":  # texts/s and latency per batch, not tokens
+            from edgekit.harness.embedding import EmbedSpeedConfig, read_sentences
+            from edgekit.harness.embedding import measure as measure_encoder
+            from edgekit.targets import encoder_predict as ep
+
+            speed = measure_encoder(str(file), read_sentences()[0], EmbedSpeedConfig(reps=cfg.reps))
+            points.append(ep.point_from_measurement(facts, speed, Path(str(a)).name) | {"speed": speed, "encoder": True})
+        else:
+            speed = measure(str(file), text, cfg)
+            speed["name"] = str(a)
+            points.append(pr.point_from_speed(facts, speed) | {"speed": speed})
         progress("measuring calibration artifacts", i + 1, len(artifacts))
     return points
 
@@ -52,13 +64,19 @@ def calibrate(artifacts: list[str] | None = None, remeasure_host: bool = False,
     host = host_figures(remeasure_host)
     paths = list(artifacts) if artifacts else default_artifacts(log, progress)
     points = measure_points(paths, progress=progress)
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, bool], list[dict]] = {}
     for p in points:
-        groups.setdefault((p["facts"]["runtime"], p["facts"]["format"]), []).append(p)
+        groups.setdefault((p["facts"]["runtime"], p["facts"]["format"], bool(p.get("encoder"))), []).append(p)
     cals = []
-    for group in groups.values():
-        cal = pr.fit(group, host)
-        pr.save(cal)
+    for (_, _, encoder), group in groups.items():
+        if encoder:
+            from edgekit.targets import encoder_predict as ep
+
+            cal = ep.fit([{k: v for k, v in p.items() if k not in ("speed", "encoder")} for p in group], host)
+            ep.save(cal)
+        else:
+            cal = pr.fit(group, host)
+            pr.save(cal)
         cals.append(cal)
     return cals
 
@@ -67,11 +85,12 @@ def calibration_for(facts, speed: dict[str, Any] | None = None, host: dict[str, 
     """The stored factors for the artifact's runtime/format or, failing that, a fit from its own measurement."""
     cal = pr.load(facts.runtime, facts.format)
     if cal is not None:
-        return cal, f"calibrated {cal.fitted} on {len(cal.points)} artifacts"
+        return cal, cal.describe()
     if speed is None:
         from edgekit.errors import EdgekitError
 
         raise EdgekitError(f"no calibration for {facts.runtime}/{facts.format}", "run `edgekit calibrate` first")
     host = host or host_figures()
     cal = pr.fit([pr.point_from_speed(facts, speed)], host)
-    return cal, "fitted from this artifact alone (run `edgekit calibrate` for per-type factors)"
+    return cal, (f"{facts.runtime}/{facts.format} fitted from this artifact alone "
+                 "(run `edgekit calibrate` for per-type factors)")

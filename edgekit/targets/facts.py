@@ -128,14 +128,36 @@ def gguf_facts(path: Path) -> ArtifactFacts:
     )
 
 
-def artifact_facts(artifact: str | Path) -> ArtifactFacts:
+def facts_for(format: str, file: Path) -> ArtifactFacts:
+    """The facts of the model file ``file`` of ``format`` ("gguf", "onnx", "coreml"); what
+    :meth:`edgekit.contracts.Runtime.facts` returns. A format without a reader is one :class:`InputError`."""
     from edgekit.errors import InputError
-    from edgekit.session import resolve_artifact
 
-    file, _, _ = resolve_artifact(artifact)
-    if file.suffix.lower() == ".gguf":
-        return gguf_facts(file)
-    raise InputError(f"cannot predict for {file.name} yet", "prediction supports GGUF artifacts")
+    readers = {"gguf": gguf_facts, "onnx": _onnx, "coreml": _coreml}
+    if format not in readers:
+        raise InputError(f"cannot predict for {Path(file).name}: no facts reader for the {format} format",
+                         f"predictions read {', '.join(readers)} artifacts")
+    return readers[format](Path(file))
+
+
+def _onnx(file: Path) -> ArtifactFacts:
+    from edgekit.targets.onnx_facts import onnx_facts
+
+    return onnx_facts(file)
+
+
+def _coreml(file: Path) -> ArtifactFacts:
+    from edgekit.targets.coreml_facts import coreml_facts
+
+    return coreml_facts(file)
+
+
+def artifact_facts(artifact: str | Path) -> ArtifactFacts:
+    """Facts of an artifact directory or model file, through the runtime that opens it."""
+    from edgekit.session import resolve_artifact, runtime_of
+
+    file, named, _ = resolve_artifact(artifact)
+    return runtime_of(file, named).facts(file)
 
 
 # GGML block layouts: (weights per block, bytes per block)

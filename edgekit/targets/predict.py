@@ -27,6 +27,7 @@ import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,11 @@ class Calibration:
     x_shared: float = 0.0  # the factor a weight type never measured here gets
     y_shared: float = 0.0
     prefill_overhead_s: float = 0.0  # fixed cost of one prompt evaluation
+
+    def describe(self) -> str:
+        """Which calibration a prediction rests on: runtime/format, when, and the artifacts measured."""
+        names = [Path(str(p.get("name") or "?")).name for p in self.points]
+        return f"{self.runtime}/{self.format} fitted {self.fitted or '(not fitted)'} on {len(names)} artifacts ({', '.join(names)})"
 
     def efficiencies(self) -> dict[str, Any]:
         return {"decode": {t: 1 / v for t, v in self.x.items() if v > 0},
@@ -200,14 +206,31 @@ class Machine:
     memory_budget_bytes: float | None
     calibrated_runtimes: tuple[str, ...]
     notes: list[str] = field(default_factory=list)
+    runtimes: tuple[str, ...] | None = None  # what the device runs (None: anything, the host)
 
 
-def host_machine(host: dict[str, Any]) -> Machine:
+def stored_runtimes() -> tuple[str, ...]:
+    """Runtimes with factors fitted here by ``edgekit calibrate`` (any format)."""
+    path = calibration_path()
+    if not path.exists():
+        return ()
+    # keys are "runtime/format" (decoders) and "runtime/format/encoder"; an encoder fit says nothing of decoding
+    return tuple(sorted({key.split("/")[0] for key in json.loads(path.read_text()) if key.count("/") == 1}))
+
+
+def _calibrated(cal: "Calibration | None", runs: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Runtimes whose host-fitted factors apply: those stored, plus the one ``cal`` was fitted for
+    (a fit from the profiled artifact's own measurement), limited to what the machine runs."""
+    names = set(stored_runtimes()) | ({cal.runtime} if cal is not None and cal.points else set())
+    return tuple(sorted(n for n in names if runs is None or n in runs))
+
+
+def host_machine(host: dict[str, Any], cal: "Calibration | None" = None) -> Machine:
     return Machine("host", "cpu", host["read_bandwidth_bytes_s"], host["compute_flops"]["f32"], None,
-                   host["ram_bytes"], ("llamacpp",))
+                   host["ram_bytes"], _calibrated(cal, None))
 
 
-def profile_machine(profile) -> Machine:
+def profile_machine(profile, cal: "Calibration | None" = None) -> Machine:
     notes = []
     copy = profile.get("copy_bandwidth")
     if copy is not None:
@@ -215,13 +238,17 @@ def profile_machine(profile) -> Machine:
     else:
         bw = profile.peak_bandwidth_bytes_s() * COPY_OVER_PEAK_DEFAULT
         notes.append(f"bandwidth: datasheet x {COPY_OVER_PEAK_DEFAULT} (assumed copy/peak; no measured copy figure)")
-    # CPU-class devices run the same CPU kernels the host calibrated; GPU-class devices do not
-    calibrated = ("llamacpp",) if profile.kind in ("cpu", "mobile") else ()
-    if not calibrated:
+    # CPU-class devices run the same CPU kernels the host calibrated (for the runtimes they list);
+    # GPU-class devices do not
+    cpu = profile.kind in ("cpu", "mobile")
+    calibrated = _calibrated(cal, tuple(profile.runtimes)) if cpu else ()
+    if not cpu:
         notes.append(f"{profile.kind}: GPU kernels are not calibrated on this host; efficiency {UNCALIBRATED_EFFICIENCY} assumed")
-    dtype = "f32" if profile.kind in ("cpu", "mobile") else "f16"
-    return Machine(profile.name, profile.kind, bw, profile.compute_flops(dtype), profile.storage_read_bytes_s(),
-                   profile.memory_budget_bytes(), calibrated, notes)
+    dtype = "f32" if cpu else "f16"
+    m = Machine(profile.name, profile.kind, bw, profile.compute_flops(dtype), profile.storage_read_bytes_s(),
+                profile.memory_budget_bytes(), calibrated, notes)
+    m.runtimes = tuple(profile.runtimes)
+    return m
 
 
 def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, prompt_tokens: int,
@@ -263,8 +290,15 @@ def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, pr
     if m.memory_budget_bytes is not None:
         out["memory_budget_bytes"] = m.memory_budget_bytes
         out["fits"] = memory <= m.memory_budget_bytes
-    if m.notes:
-        out["notes"] = list(m.notes)
+    notes = list(m.notes)
+    if m.runtimes is not None and facts.runtime not in m.runtimes:
+        notes.append(f"{m.name} does not list the {facts.runtime} runtime: figures are hypothetical")
+    if not calibrated and m.kind in ("cpu", "mobile"):
+        notes.append(f"uncalibrated: no {facts.runtime} speed on this machine's kind was fitted here; "
+                     f"efficiency {UNCALIBRATED_EFFICIENCY} assumed")
+    if notes:
+        out["notes"] = notes
+    out["calibration"] = cal.describe() if calibrated else f"uncalibrated ({facts.runtime}/{facts.format})"
     return out
 
 

@@ -6,16 +6,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgekit.errors import InputError
+from edgekit.errors import EdgekitError, InputError
 
 
 def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_missing: bool = True,
             profile_dirs: list[str] | None = None, context: int = 1024, prompt_tokens: int = 128,
             progress: Callable[[str, int, int], None] = lambda d, a, b: None, remeasure: bool = False) -> dict[str, Any]:
     from edgekit.harness.quality import read_text
-    from edgekit.harness.speed import SpeedConfig, measure
     from edgekit.profile import host_info, load_profile_result, save_profile_result
-    from edgekit.session import resolve_artifact
+    from edgekit.session import resolve_artifact, runtime_of
     from edgekit.targets import predict as pr
     from edgekit.targets.calibrate import calibration_for
     from edgekit.targets.cloud import simulate
@@ -32,36 +31,54 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
     text, _ = read_text(None)
     artifacts, cloud = [], {}
     for i, d in enumerate(dirs):
-        file, _, manifest = resolve_artifact(d)
-        facts = artifact_facts(file)
-        measured = None if remeasure else load_profile_result(file)
-        if measured is None and measure_missing:
-            measured = measure(str(file), text, SpeedConfig(reps=3))
-            save_profile_result(file, measured)
+        file, named, manifest = resolve_artifact(d)
+        rt = runtime_of(file, named)
+        kind = rt.kind(file)
         entry: dict[str, Any] = {
-            "name": Path(d).name, "dir": str(d), "format": facts.format,
-            "recipe": (manifest or {}).get("recipe", {}).get("quant"), "size_bytes": facts.size_bytes,
-            "bits_per_weight": 8 * facts.size_bytes / max(1, facts.parameters),
-            "quality": (manifest or {}).get("quality") or (measured or {}).get("quality"),
+            "name": Path(d).name, "dir": str(d), "format": rt.format, "runtime": rt.name, "kind": kind,
+            "recipe": (manifest or {}).get("recipe", {}).get("quant"), "size_bytes": (manifest or {}).get("size_bytes"),
+            "bits_per_weight": (manifest or {}).get("bits_per_weight"), "quality": (manifest or {}).get("quality"),
             "measured": None, "predicted_host": None, "targets": {},
         }
-        cal = None
+        artifacts.append(entry)
+        progress("collecting artifacts", i + 1, len(dirs))
+        try:
+            facts = artifact_facts(file)
+        except EdgekitError as exc:  # still listed, with the reason it has no predictions
+            entry["predictions_note"] = f"skipped: {exc.one_line()}"
+            continue
+        entry.update(size_bytes=facts.size_bytes, bits_per_weight=8 * facts.size_bytes / max(1, facts.parameters))
+        why = rt.unavailable_reason()
+        measured = None if remeasure else load_profile_result(file)
+        if why:
+            entry["measured_note"] = f"not measured: {why}"
+            measured = None
+        elif (measured is None or (kind == "encoder" and "tokens" not in measured)) and measure_missing:
+            measured = _measure(file, kind, text)
+            save_profile_result(file, measured)
+        entry["quality"] = entry["quality"] or (measured or {}).get("quality")
+        if kind == "encoder":
+            _encoder_entry(entry, facts, measured, names, profiles, host)
+            continue
         if measured:
             entry["measured"] = {k: measured.get(k) for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_bytes", "load_s", "measured_at")}
-            cal, _ = calibration_for(facts, measured, host)
+            cal, how = calibration_for(facts, measured, host)
             st = measured["settings"]
-            entry["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host), int(st["prompt_tokens"] + st["decode_tokens"] / 2),
+            entry["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host, cal), int(st["prompt_tokens"] + st["decode_tokens"] / 2),
                                                  st["prompt_tokens"], measured.get("n_ctx"))
         else:
-            cal, _ = calibration_for(facts)
+            cal = pr.load(facts.runtime, facts.format)
+            how = cal.describe() if cal else f"uncalibrated ({facts.runtime}/{facts.format}: nothing measured here)"
+            if cal is None:
+                unc = 1 / pr.UNCALIBRATED_EFFICIENCY
+                cal = pr.Calibration(facts.runtime, facts.format, {}, unc, {}, unc, 0.0, 0.0, {})
+        entry["calibration"] = how
         for n in names:
             p = profiles[n]
             if p.is_cloud():
                 cloud.setdefault(n, simulate(facts, p, prompt_tokens))
                 continue
-            entry["targets"][n] = pr.predict(facts, cal, pr.profile_machine(p), context, prompt_tokens) | {"kind": p.kind}
-        artifacts.append(entry)
-        progress("collecting artifacts", i + 1, len(dirs))
+            entry["targets"][n] = pr.predict(facts, cal, pr.profile_machine(p, cal), context, prompt_tokens) | {"kind": p.kind}
     hi = host_info()
     return {
         "title": "edgekit report",
@@ -73,3 +90,45 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
         "context": context,
         "prompt_tokens": prompt_tokens,
     }
+
+
+def _measure(file: Path, kind: str, text: str) -> dict[str, Any]:
+    if kind == "encoder":
+        from edgekit.harness.embedding import EmbedSpeedConfig, measure, read_sentences
+
+        return measure(str(file), read_sentences()[0], EmbedSpeedConfig(reps=3)) | {"kind": "encoder"}
+
+    return measure(str(file), text, SpeedConfig(reps=3))
+
+
+def _encoder_entry(entry: dict[str, Any], facts, measured: dict | None, names: list[str], profiles: dict, host) -> None:
+    """Texts/s and latency per batch: measured here, predicted here and per target device."""
+    from edgekit.targets import encoder_predict as ep
+    from edgekit.targets import predict as pr
+
+    cal = ep.load(facts.runtime, facts.format)
+    how = cal.describe() if cal else None
+    if measured:
+        entry["measured"] = {k: measured.get(k) for k in ("texts_s", "batch_latency_ms", "single_latency_ms",
+                                                          "peak_rss_bytes", "load_s", "measured_at")}
+        entry["measured"]["batch_size"] = measured["settings"]["batch_size"]
+        if cal is None:
+            cal, how = ep.fit([ep.point_from_measurement(facts, measured, entry["name"])], host), "fitted from this encoder's own measurement"
+        tokens = float(measured["tokens"]["median"])
+        # the host prediction at the measured calls' own sizes, so it compares with the measurement
+        tok = measured["tokens"]
+        hm = pr.host_machine(host)
+        single = ep.predict(facts, cal, hm, float(tok["single_median"]), (1,))
+        batch = ep.predict(facts, cal, hm, float(tok["batch_padded_median"]), (int(measured["settings"]["batch_size"]),))
+        entry["predicted_host"] = {"single_latency_ms": single["latency_ms"], "batch_latency_ms": batch["latency_ms"],
+                                   "calibration": batch["calibration"]}
+    else:
+        cal = cal or ep.uncalibrated(facts)
+        how = how or f"uncalibrated ({facts.runtime}/{facts.format} encoder: nothing measured here)"
+        tokens = ep.typical_tokens(facts)
+    entry["calibration"] = how
+    entry["tokens_per_text"] = tokens
+    for n in names:
+        p = profiles[n]
+        if not p.is_cloud():  # cloud baselines are priced per generated token: decoders only
+            entry["targets"][n] = ep.predict(facts, cal, pr.profile_machine(p), tokens) | {"kind": p.kind}
