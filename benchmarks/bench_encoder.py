@@ -29,15 +29,15 @@ VARIANTS = [("fp32", 0), ("int8", 0), ("int4", 0), ("int8", 4), ("int4", 4)]
 
 
 def build(root: Path, reuse: bool) -> dict[str, Path]:
-    from edgekit.converters.onnx_encoder import convert_encoder
+    from edgekit.convert import ConvertRequest, convert
 
     out = {}
     for quant, level in VARIANTS:
         key = f"{quant}" + (f"-acc{level}" if level else "")
         d = root / key
         if not (reuse and (d / "manifest.json").exists()):
-            convert_encoder("minilm", "onnx", quant, d, force=True, accuracy_level=level,
-                            tolerance={"mean": 1.0, "worst": 2.0})  # measure, don't gate, here
+            convert(ConvertRequest("minilm", "onnx", quant, d, force=True, exporter_options={"accuracy_level": level},
+                                   tolerance={"cosine_distance_mean": 1.0, "cosine_distance_worst": 2.0}))  # measure, don't gate
         out[key] = d
     dyn = root / "int8-ort-dynamic"
     if not (reuse and (dyn / "model.onnx").exists()):

@@ -32,7 +32,7 @@ DEFAULT_RECIPES = ["int4@gguf", "prune20@gguf", "prune20-recover@gguf", "prune25
 
 def run_one(recipe_name: str, fmt: str, out: Path, user_text: Path | None, reuse: bool) -> dict:
     from edgekit import recipes
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
     from edgekit.errors import EdgekitError
     from edgekit.harness.speed import SpeedConfig
     from edgekit.manifest import read_manifest
@@ -49,7 +49,7 @@ def run_one(recipe_name: str, fmt: str, out: Path, user_text: Path | None, reuse
             else:  # a plain storage pass (int4, q4_0, ...)
                 recipe = recipes.check(recipes.Recipe(recipe_name, [{"pass": recipe_name}]))
             t0 = time.perf_counter()
-            manifest = convert(None, fmt, None, d, force=True, recipe=recipe)
+            manifest = convert(ConvertRequest(None, fmt, None, d, force=True, recipe=recipe))
             manifest["timings_s"]["bench_total_s"] = time.perf_counter() - t0
     except EdgekitError as exc:
         row["refused"] = exc.one_line()

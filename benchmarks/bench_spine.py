@@ -26,13 +26,13 @@ OTHER_PROSE = Path("/usr/share/common-licenses/GPL-3")
 
 
 def convert_all(root: Path, reuse: bool) -> dict[str, Path]:
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     out = {}
     for quant in ("f16", "q8_0", "q4_0", "int4"):
         d = root / quant
         if not (reuse and (d / "manifest.json").exists()):
-            convert(None, "gguf", quant, d, force=True)
+            convert(ConvertRequest(None, "gguf", quant, d, force=True))
         out[quant] = d / "model.gguf"
     return out
 

@@ -67,13 +67,13 @@ def convert(request: ConvertRequest) -> dict[str, Any]:
     recipe, fmt, profile = _initial_recipe(r)
     exporter = EXPORTERS.get(fmt)(**r.exporter_options)
     _check_recipe(recipe, exporter, source.model_kind, fmt)
-    texts = Texts(r.eval_text, r.calib_text, r.calib_tokens, r.eval_tokens)
-    kind = KINDS[source.model_kind](source, texts)
 
     t0 = time.perf_counter()
     r.log(f"reading {source.path.name} ({source.model_kind}; float reference)")
     reference = load_reference(source, r.progress)
     timings["reference_s"] = time.perf_counter() - t0
+    texts = Texts(r.eval_text, r.calib_text, r.calib_tokens, r.eval_tokens)
+    kind = KINDS[source.model_kind](source, texts)
 
     the_plan = None
     if profile is not None:

@@ -88,11 +88,11 @@ def tiny():
 @pytest.fixture(scope="session")
 def e2e_artifacts(tmp_path_factory):
     """The default model converted once per test session at q8_0, q4_0 and int4."""
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     root = tmp_path_factory.mktemp("e2e")
     out = {}
     for quant in ("q8_0", "q4_0", "int4"):
-        manifest = convert(None, "gguf", quant, root / quant)
+        manifest = convert(ConvertRequest(None, "gguf", quant, root / quant))
         out[quant] = (root / quant, manifest)
     return out

@@ -400,7 +400,7 @@ def test_k_quant_gguf_source_converts(tmp_path):
     import llama_cpp
 
     from conftest import tiny_model
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
     from edgekit.converters.gguf_layout import open_reader
 
     m = tiny_model(hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2, head_dim=64)
@@ -417,7 +417,7 @@ def test_k_quant_gguf_source_converts(tmp_path):
     assert set(back.tensors) == set(m.tensors)
     err = max(float(np.abs(back.tensors[n] - m.tensors[n]).max() / np.abs(m.tensors[n]).max()) for n in m.tensors)
     assert 0 < err < 0.2  # dequantized K-quant values: close to the original, not equal
-    manifest = convert(str(src), "onnx", "f16", tmp_path / "out", eval_tokens=512)
+    manifest = convert(ConvertRequest(str(src), "onnx", "f16", tmp_path / "out", eval_tokens=512))
     assert manifest["validation"]["passed"] and manifest["quality"]["kld_mean"] < 1e-3
 
 
@@ -433,7 +433,7 @@ def test_hugging_face_directory_with_its_own_tokenizer_converts(name, tokenizer,
     artifact's runtime tokenizes the evaluation text exactly as the source's Hugging Face tokenizer does."""
     from transformers import AutoTokenizer
 
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
     from edgekit.session import load
     from tiny_tokenizers import qwen_tokenizer_dir, spm_tokenizer_dir
 
@@ -446,7 +446,7 @@ def test_hugging_face_directory_with_its_own_tokenizer_converts(name, tokenizer,
                                   sentencepiece_model=tokenizer != "spm-json")
     src = tmp_path / f"tiny-{name}".replace("phi3", "phi")  # llama.cpp keys Phi-3 token attributes on the name
     save_hf_dir(name, src, tokenizer_dir=tok, vocab_size=vocab)
-    manifest = convert(str(src), fmt, "f16", tmp_path / "out", eval_tokens=512)
+    manifest = convert(ConvertRequest(str(src), fmt, "f16", tmp_path / "out", eval_tokens=512))
     assert manifest["validation"]["passed"]
     assert manifest["quality"]["kld_mean"] < 1e-3
     hf_tok = AutoTokenizer.from_pretrained(str(src))

@@ -113,11 +113,12 @@ def test_run_and_profile_on_corrupt_or_missing_artifacts(tmp_path):
 def test_failed_validation_leaves_nothing(tmp_path, tiny_gguf, monkeypatch):
     """A real validation failure (tolerance tightened below what q8_0 achieves) writes nothing."""
     from edgekit import convert as conv
+    from edgekit.passes.rtn import Q8_0Pass
 
-    monkeypatch.setitem(conv.TOLERANCES, "q8_0", {"kld_mean": 0.0})
+    monkeypatch.setattr(Q8_0Pass, "tolerance", {"kld_mean": 0.0})
     out = tmp_path / "out"
     with pytest.raises(ValidationError) as err:
-        conv.convert(str(tiny_gguf), "gguf", "q8_0", out, eval_tokens=512)
+        conv.convert(conv.ConvertRequest(str(tiny_gguf), "gguf", "q8_0", out, eval_tokens=512))
     assert "mean KL divergence" in err.value.one_line() and "tolerance" in err.value.one_line()
     assert not out.exists() and not leftovers(out)
 
@@ -135,6 +136,6 @@ def test_interrupt_during_export_leaves_nothing_and_keeps_old_artifact(tmp_path,
 
     monkeypatch.setattr(GGUFExporter, "export", half_write)
     with pytest.raises(KeyboardInterrupt):
-        conv.convert(str(tiny_gguf), "gguf", "q8_0", out, force=True, eval_tokens=512)
+        conv.convert(conv.ConvertRequest(str(tiny_gguf), "gguf", "q8_0", out, force=True, eval_tokens=512))
     assert (out / "model.gguf").read_bytes() == b"previous good artifact"
     assert not leftovers(out)

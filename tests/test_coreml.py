@@ -437,10 +437,10 @@ from tests.test_encoder import TEXTS, tiny_bert  # noqa: E402,F401 (a fixture: a
 
 @pytest.mark.parametrize("quant", ["int8", "ternary"])
 def test_encoder_converts_bit_exact(tiny_bert, tmp_path, quant):  # noqa: F811
-    from edgekit.converters.coreml_encoder import convert_encoder
+    from edgekit.convert import ConvertRequest, convert
 
     out = tmp_path / "out"
-    manifest = convert_encoder(str(tiny_bert), "coreml", quant, out)
+    manifest = convert(ConvertRequest(str(tiny_bert), "coreml", quant, out))
     checks = manifest["artifact"]["package_checks"]
     assert checks["weights"]["bit_exact"] and checks["weights"]["tensors"] == 13  # embedding + 2 x 6 matrices
     assert checks["weights"]["stored_as"] == ({"int8": 13} if quant == "int8" else {"int8": 1, "lut2": 12})
@@ -459,11 +459,11 @@ def test_encoder_converts_bit_exact(tiny_bert, tmp_path, quant):  # noqa: F811
 @pytest.mark.skipif(sys.platform != "darwin", reason="needs Core ML's runtime, which exists only on macOS")
 def test_encoder_embeddings_match_reference_on_macos(tiny_bert, tmp_path):  # noqa: F811
     import edgekit
-    from edgekit.converters.coreml_encoder import convert_encoder
+    from edgekit.convert import ConvertRequest, convert
     from edgekit.encoder import EncoderReference, load_encoder
 
     out = tmp_path / "out"
-    convert_encoder(str(tiny_bert), "coreml", "fp16", out)
+    convert(ConvertRequest(str(tiny_bert), "coreml", "fp16", out))
     want = EncoderReference(load_encoder(str(tiny_bert))).embed(TEXTS)
     with edgekit.load(out) as s:
         got = s.embed(TEXTS)
@@ -505,9 +505,9 @@ def test_cli_convert_validates_on_macos(converted):
 @pytest.mark.e2e
 def test_default_model_int4_coreml(tmp_path):
     """SmolLM2 at int4 (~2-4 min, 2.5 GB peak): every tensor stored as the recipe says, bit for bit."""
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
-    manifest = convert(None, "coreml", "int4", tmp_path / "out")
+    manifest = convert(ConvertRequest(None, "coreml", "int4", tmp_path / "out"))
     checks = manifest["artifact"]["package_checks"]["weights"]
     assert checks["bit_exact"] and checks["tensors"] == 211 + 61  # 30 x 7 matrices + the embedding; 30 x 2 + 1 norms
     assert set(checks["stored_as"]) <= {"int4", "int8", "fp16"} and checks["stored_as"]["fp16"] == 61

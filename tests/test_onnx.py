@@ -19,7 +19,7 @@ from edgekit.converters.gguf import GGUFExporter
 from edgekit.converters.gguf_layout import open_reader, read_gguf_model
 from edgekit.converters import onnx as onnx_exporter
 from edgekit.converters.onnx import ONNXExporter, pack_nbits, read_matrices, unpack_nbits
-from edgekit.converters import onnx_graph
+from edgekit.formats import onnx as onnx_format
 from edgekit.errors import InputError, ValidationError
 from edgekit.model import BlockQuant
 from edgekit.passes import PassContext
@@ -31,9 +31,9 @@ from tests.conftest import pruned_lowrank_model, tiny_model
 PROMPT = "The capital of France is Paris, and the capital of Italy is Rome. Numbers: 12345."
 
 
-def export(model, d: Path) -> Path:
+def export(model, d: Path, accuracy_level: int | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    ONNXExporter().export(model, d)
+    ONNXExporter(accuracy_level).export(model, d)
     return d / "model.onnx"
 
 
@@ -189,10 +189,10 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("quant", ["fp32", "int8", "q4_0"])
 def test_convert_to_onnx_validates(tiny_gguf, tmp_path, quant):
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     out = tmp_path / "out"
-    manifest = convert(str(tiny_gguf), "onnx", quant, out, eval_tokens=1024)
+    manifest = convert(ConvertRequest(str(tiny_gguf), "onnx", quant, out, eval_tokens=1024))
     assert manifest["validation"]["passed"]
     types = manifest["artifact"]["tensor_types"]
     if quant == "fp32":
@@ -212,7 +212,7 @@ def test_convert_to_onnx_validates(tiny_gguf, tmp_path, quant):
 # ---------------------------------------------------------------- (d) (e) failures
 
 def test_corrupted_scales_fail_validation_and_leave_nothing(tiny_gguf, tmp_path, monkeypatch):
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     original = ONNXExporter.export
 
@@ -229,7 +229,7 @@ def test_corrupted_scales_fail_validation_and_leave_nothing(tiny_gguf, tmp_path,
     monkeypatch.setattr(ONNXExporter, "export", corrupting)
     out = tmp_path / "out"
     with pytest.raises(ValidationError):
-        convert(str(tiny_gguf), "onnx", "q8_0", out, eval_tokens=512)
+        convert(ConvertRequest(str(tiny_gguf), "onnx", "q8_0", out, eval_tokens=512))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
@@ -280,7 +280,6 @@ def test_ternary_2bit_matmulnbits(tmp_path, monkeypatch):
     """Ternary integers packed 4 per byte (zero point 2): the weights read back exactly and ORT's logits
     match the float forward over the same dequantized weights."""
     # accuracy_level 0 (float activations): the product is then exact, so any packing error shows
-    monkeypatch.setattr(onnx_graph, "ACCURACY_LEVEL", 0)
     m = tiny_model()
     rng = np.random.default_rng(3)
     for hf in m.linear_names():
@@ -292,7 +291,7 @@ def test_ternary_2bit_matmulnbits(tmp_path, monkeypatch):
         scales = (np.abs(m.tensors[hf]).reshape(rows, cols // block, block).mean(-1)).astype(np.float16)
         m.encodings[hf] = BlockQuant(q, scales, bits=2, block_size=block)
     assert ONNXExporter().supports(m) is None
-    path = export(m, tmp_path)
+    path = export(m, tmp_path, accuracy_level=0)
     proto = onnx.load(str(path))
     bits = [onnx.helper.get_attribute_value(a) for n in proto.graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "bits"]
@@ -314,14 +313,14 @@ def test_per_layer_shapes_and_lowrank_factors(tmp_path, monkeypatch, quant):
     from edgekit.converters.onnx_graph import matrices
     from edgekit.passes.rtn import quantize_q8_0
 
-    monkeypatch.setattr(onnx_graph, "ACCURACY_LEVEL", 0)  # exact products: compare at 1e-4
+    # accuracy_level 0 below: exact products, compare at 1e-4
     m = pruned_lowrank_model(rank=8)
     if quant == "q8_0":
         for name in matrices(m):
             if m.tensors[name].shape[1] % 32 == 0:  # a rank-8 lowrank_b stays float: mixed kinds in one chain
                 m.encodings[name] = quantize_q8_0(m.tensors[name])
     assert ONNXExporter().supports(m) is None
-    path = export(m, tmp_path)
+    path = export(m, tmp_path, accuracy_level=0)
     cfg = __import__("json").loads((tmp_path / "onnx_config.json").read_text())
     assert cfg["layer_kv_heads"] == [1, 2]
     proto = onnx.load(str(path))
@@ -341,11 +340,11 @@ def test_per_layer_shapes_and_lowrank_factors(tmp_path, monkeypatch, quant):
 
 
 def test_external_data_loads_and_is_listed(tiny_gguf, tmp_path, monkeypatch):
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
-    monkeypatch.setattr(onnx_exporter, "INLINE_LIMIT", 1000)
+    monkeypatch.setattr(onnx_format, "INLINE_LIMIT", 1000)
     out = tmp_path / "out"
-    manifest = convert(str(tiny_gguf), "onnx", "q8_0", out, eval_tokens=512)
+    manifest = convert(ConvertRequest(str(tiny_gguf), "onnx", "q8_0", out, eval_tokens=512))
     art = manifest["artifact"]
     assert art["external_data"] and {"model.onnx", "model.onnx.data"} <= set(art["files"])
     assert (out / "model.onnx.data").stat().st_size > 10 * (out / "model.onnx").stat().st_size

@@ -45,10 +45,10 @@ def test_hf_dir_reads_back_the_weights(tmp_path):
 def test_hf_dir_converts_and_llama_cpp_tokenizes_like_hugging_face(tmp_path):
     """Export-time validation compares llama.cpp's tokenization of the evaluation text with the
     Hugging Face tokenizer's; a wrong pre-tokenizer mapping would fail this conversion."""
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     src = write_hf_dir(tiny_model(seed=2), tmp_path / "hf")
-    manifest = convert(str(src), "gguf", "f16", tmp_path / "out", eval_tokens=1024)
+    manifest = convert(ConvertRequest(str(src), "gguf", "f16", tmp_path / "out", eval_tokens=1024))
     assert manifest["source"]["kind"] == "hf"
     assert manifest["validation"]["passed"]
     assert manifest["quality"]["kld_mean"] < 5e-3

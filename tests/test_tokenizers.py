@@ -133,7 +133,7 @@ def test_rebuilt_tokenizer_json_encodes_and_decodes_like_hugging_face(kinds, kin
 @pytest.mark.parametrize("kind", KINDS)
 def test_source_tokenizer_json_is_the_hugging_face_tokenizer(kinds, kind):
     """edgekit checks artifacts against the source's tokenizer.json read by `tokenizers` alone
-    (edgekit.convert.source_tokenizer); it must be what transformers' AutoTokenizer computes."""
+    (edgekit.kinds.source_tokenizer); it must be what transformers' AutoTokenizer computes."""
     from tokenizers import Tokenizer
 
     k = kinds(kind)
