@@ -235,6 +235,19 @@ def plugins() -> None:
     for reg in (ARCHITECTURES, PASSES, EXPORTERS, RUNTIMES):
         kind = reg.kind + ("es" if reg.kind.endswith("s") else "s")
         print(f"{kind} ({reg.group}): {', '.join(reg.names())}")
+    # what each plug-in declares (the contracts the pipeline reads)
+    for name in PASSES.names():
+        p = PASSES.get(name)
+        print(f"  pass {name}: {'/'.join(sorted(p.kinds))}{', structural' if p.structural else ''}"
+              f"{', calibrated' if p.needs_calibration else ''}; tolerance {p.tolerance}")
+    for name in EXPORTERS.names():
+        c = EXPORTERS.get(name).capabilities
+        print(f"  exporter {name}: {'/'.join(sorted(c.kinds))}; bits {sorted(c.bits)}; low-rank {c.lowrank}; "
+              f"per-layer widths {c.per_layer_widths}")
+    for name in RUNTIMES.names():
+        rt = RUNTIMES.get(name)
+        print(f"  runtime {name}: {rt.format} ({', '.join(rt.suffixes) or 'directories'}); "
+              f"{rt.unavailable_reason() or 'runs on this host'}")
 
 
 def main() -> None:

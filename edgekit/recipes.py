@@ -27,7 +27,6 @@ from typing import Any
 from edgekit.errors import InputError
 from edgekit.registry import PASSES
 
-STRUCTURAL_ORDER = ("prune", "lowrank")
 DEFAULT_STORAGE = "int4"
 
 
@@ -44,7 +43,7 @@ class Recipe:
 
     @property
     def structural(self) -> list[str]:
-        return [p["pass"] for p in self.passes if p["pass"] in STRUCTURAL_ORDER]
+        return [p["pass"] for p in self.passes if PASSES.get(p["pass"]).structural]
 
     def label(self) -> str:
         def one(p: dict[str, Any]) -> str:
@@ -86,14 +85,16 @@ def check(recipe: Recipe) -> Recipe:
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 raise InputError(f"{where}: {p['pass']}.{k} must be {want.__name__}, not {v!r}", "fix the recipe")
     names = [p["pass"] for p in passes]
-    storage = [n for n in names if n not in STRUCTURAL_ORDER]
+    structural = [n for n in names if PASSES.get(n).structural]
+    storage = [n for n in names if n not in structural]
     if len(storage) > 1:
         raise InputError(f"{where}: more than one storage pass ({', '.join(storage)})", "keep one, last")
     if storage and names[-1] != storage[0]:
         raise InputError(f"{where}: the storage pass '{storage[0]}' must come last", "move it to the end")
-    order = [STRUCTURAL_ORDER.index(n) for n in names if n in STRUCTURAL_ORDER]
-    if order != sorted(order) or len(set(order)) != len(order):
-        raise InputError(f"{where}: structural passes must appear once each, in the order {' -> '.join(STRUCTURAL_ORDER)}",
+    order = [PASSES.get(n).order for n in structural]
+    if order != sorted(order) or len(set(structural)) != len(structural):
+        by_order = sorted({n for n in PASSES.names() if PASSES.get(n).structural}, key=lambda n: PASSES.get(n).order)
+        raise InputError(f"{where}: structural passes must appear once each, in the order {' -> '.join(by_order)}",
                          "reorder the [[passes]]")
     if not storage:
         passes.append({"pass": DEFAULT_STORAGE})

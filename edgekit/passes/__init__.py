@@ -41,6 +41,8 @@ class Pass:
     param_types: ClassVar[dict[str, type]] = {}
     # structural passes change shapes; the others only choose how each tensor is stored
     structural: ClassVar[bool] = False
+    # where a structural pass stands among the others in a recipe (lower first); storage passes come last
+    order: ClassVar[int] = 0
     # the model kinds whose tensors this pass knows how to compress ("decoder", "encoder")
     kinds: ClassVar[frozenset[str]] = frozenset({"decoder"})
     # Export-time validation when this pass is the whole recipe: the artifact against the float

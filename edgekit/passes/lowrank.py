@@ -84,6 +84,7 @@ class LowRankPass(Pass):
     description = "truncated SVD of linear layers (activation-aware by default) to a parameter budget"
     needs_calibration = True
     structural = True
+    order = 20  # factorizes what pruning left
     param_types = {"rank": float, "method": str}
 
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:

@@ -143,6 +143,7 @@ class PrunePass(Pass):
     description = "structured pruning of MLP channels / attention heads by activation-weighted saliency, optional distillation recovery"
     needs_calibration = True
     structural = True
+    order = 10  # pruning ranks channels of the full-width model
     param_types = {"mlp": float, "heads": float, "recover": int, "lr": float, "uniform": bool}
 
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
