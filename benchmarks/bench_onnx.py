@@ -10,6 +10,12 @@ int8 and fp32; GGUF q4_0, int4 and q8_0. For each:
   (``edgekit.harness.speed``);
 - size, KLD and perplexity from each artifact's manifest (measured at export against the float reference).
 
+Foreign artifacts of the same model sit in the same table, measured the same way: the float reference
+written as a Hugging Face directory (``edgekit.hf_export``), exported by ``optimum-cli export onnx``
+(fp32, run by optimum's ``ORTModelForCausalLM``: "optimum fp32") and built by onnxruntime-genai's model
+builder (int4, run by ``og.Generator``: "genai int4"); their KLD and perplexity are measured here
+against the same float reference on the same text (they have no manifest).
+
 Prints a table and writes benchmarks/results/onnx-<threads>t.json.
 """
 
@@ -26,19 +32,66 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = [("onnx", "int4"), ("gguf", "q4_0"), ("gguf", "int4"), ("onnx", "int8"), ("gguf", "q8_0"), ("onnx", "fp32")]
+FOREIGN = ("optimum fp32", "genai int4")
 BASELINE = "gguf q4_0"
 PROMPT = "The history of the printing press begins"
 
 
 def convert_all(root: Path, reuse: bool, which: list[tuple[str, str]]) -> dict[str, Path]:
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     out = {}
     for fmt, quant in which:
         d = root / f"{fmt}-{quant}"
         if not (reuse and (d / "manifest.json").exists()):
-            convert(None, fmt, quant, d, force=True)
+            convert(ConvertRequest(None, fmt, quant, d, force=True))
         out[f"{fmt} {quant}"] = d
+    return out
+
+
+def foreign_artifacts(root: Path, reuse: bool, which: list[str]) -> dict[str, Path]:
+    """The default model exported by other tools (see the module docstring); built once under ``root``."""
+    import subprocess
+    import sys
+
+    from edgekit.hf_export import build_genai, write_hf_dir
+    from edgekit.sources import load_reference, resolve
+
+    hf, out = root / "hf-fp32", {}
+    if not (reuse and (hf / "model.safetensors").exists()):
+        write_hf_dir(load_reference(resolve(None)), hf)
+    if "optimum fp32" in which:
+        d = root / "optimum-fp32"
+        if not (reuse and (d / "model.onnx").exists()):
+            cli = Path(sys.executable).parent / "optimum-cli"
+            subprocess.run([str(cli), "export", "onnx", "--model", str(hf), "--task", "text-generation-with-past", str(d)],
+                           check=True, capture_output=True)
+        out["optimum fp32"] = d
+    if "genai int4" in which:
+        d = root / "genai-int4"
+        if not (reuse and (d / "genai_config.json").exists()):
+            build_genai(hf, d, "int4")
+        out["genai int4"] = d
+    return out
+
+
+def foreign_quality(dirs: dict[str, Path]) -> dict[str, dict]:
+    """Manifest-shaped size and quality of foreign artifacts: KLD against the float reference, the
+    way a conversion measures it (same text, same windows, cached reference statistics)."""
+    import edgekit
+    from edgekit.evaluate import measure_quality
+    from edgekit.harness.quality import EvalConfig, read_text
+    from edgekit.sources import load_reference, resolve
+
+    src = resolve(None)
+    model = load_reference(src)
+    text, label = read_text(None)
+    out = {}
+    for k, d in dirs.items():
+        size = sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))  # graph + external data
+        with edgekit.load(d) as s:
+            q = measure_quality(s, model, src.sha256, text, label, EvalConfig())
+        out[k] = {"size_bytes": size, "quality": q, "artifact": {"runtime": s.runtime}}
     return out
 
 
@@ -183,13 +236,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=None, help="default: every core this process may use")
-    ap.add_argument("--only", nargs="*", help="a subset, e.g. 'onnx int4' 'gguf q4_0'")
+    ap.add_argument("--only", nargs="*", help="a subset, e.g. 'onnx int4' 'gguf q4_0' 'optimum fp32' 'genai int4'")
     args = ap.parse_args()
 
     from edgekit.runtimes.onnxruntime import default_threads
 
     threads = args.threads or default_threads()
     which = [a for a in ARTIFACTS if not args.only or " ".join(a) in args.only]
+    import importlib.util
+
+    foreign = [k for k in FOREIGN if (not args.only or k in args.only)
+               and importlib.util.find_spec("onnxruntime_genai" if k.startswith("genai") else "optimum.onnxruntime")]
     console = Console(width=150)
     from edgekit.sources import default_model_path
 
@@ -202,6 +259,11 @@ def main() -> None:
     console.print(f"[dim]converting {', '.join(' '.join(a) for a in which)} (validated at export)...[/dim]")
     dirs = convert_all(args.out, args.reuse, which)
     manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in dirs.items()}
+    if foreign:
+        console.print(f"[dim]exporting {', '.join(foreign)} with their own tools, KLD against the float reference...[/dim]")
+        others = foreign_artifacts(args.out, args.reuse, foreign)
+        manifests |= foreign_quality(others)
+        dirs |= others
     console.print(f"[dim]decode: {args.rounds} alternating rounds of {args.tokens} tokens, {threads} threads...[/dim]")
     speed = decode_rounds(dirs, args.rounds, args.tokens, threads)
     console.print("[dim]TTFT and peak RSS, one fresh process per artifact...[/dim]")

@@ -83,15 +83,31 @@ class Runtime(ABC):
         """True when this runtime opens ``path`` (a model file, or a model directory such as .mlpackage)."""
         return path.suffix.lower() in cls.suffixes
 
+    # the session class per artifact kind: a class, or "module:Class" imported when first opened
+    sessions: ClassVar[dict[str, Any]] = {}
+
     @classmethod
     def kind(cls, path: Path) -> str:
         """"decoder" or "encoder": what the artifact at ``path`` is (read from its own files)."""
         return "decoder"
 
     @classmethod
-    @abstractmethod
     def open(cls, path: str | os.PathLike, **options: Any) -> Any:
-        """A session on the artifact (``vocab_only=True``: the tokenizer only, where supported)."""
+        """A session on the artifact (``vocab_only=True``: the tokenizer only, where supported): the
+        session class of the artifact's kind (decoders generate, encoders embed)."""
+        kind = cls.kind(Path(path))
+        session = cls.sessions.get(kind)
+        if session is None:
+            from edgekit.errors import InputError
+
+            raise InputError(f"the {cls.name} runtime does not open {kind} artifacts ({Path(path).name})",
+                             "open it with the runtime its manifest names")
+        if isinstance(session, str):
+            import importlib
+
+            module, _, attr = session.partition(":")
+            session = getattr(importlib.import_module(module), attr)
+        return session(path, **options)
 
     @classmethod
     def facts(cls, path: Path) -> "ArtifactFacts":

@@ -26,7 +26,6 @@ import numpy as np
 from edgekit.contracts import Runtime
 from edgekit.errors import EdgekitError, InputError, MissingDependencyError
 from edgekit.formats import coreml as fmt
-from edgekit.formats.coreml import artifact_kind
 from edgekit.runtimes.text import EncoderTextSession, TokenizerJsonSession
 
 _UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
@@ -158,12 +157,8 @@ class CoreMLRuntime(Runtime):
     def unavailable_reason(cls) -> str | None:
         return unavailable_reason()
 
-    @classmethod
-    def kind(cls, path: Path) -> str:
-        return artifact_kind(path)
+    sessions = {"decoder": CoreMLSession, "encoder": CoreMLEncoderSession}  # encoders embed()
 
     @classmethod
-    def open(cls, path: str | os.PathLike, **options: Any) -> CoreMLSession | CoreMLEncoderSession:
-        if cls.kind(Path(path)) == "encoder":  # sentence encoders: embed() instead of generate()
-            return CoreMLEncoderSession(path, **options)
-        return CoreMLSession(path, **options)
+    def kind(cls, path: Path) -> str:
+        return fmt.artifact_kind(path)

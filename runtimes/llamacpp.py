@@ -10,7 +10,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -158,7 +158,4 @@ class LlamaCppRuntime(Runtime):
     name = "llamacpp"
     format = "gguf"
     suffixes = (".gguf",)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike, **options: Any) -> LlamaCppSession:
-        return LlamaCppSession(path, **options)
+    sessions = {"decoder": LlamaCppSession}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -173,16 +173,9 @@ class OnnxRuntimeRuntime(Runtime):
     format = "onnx"
     suffixes = (".onnx",)
 
+    # sentence encoders: embed() instead of generate()
+    sessions = {"decoder": OnnxRuntimeSession, "encoder": "edgekit.runtimes.onnxruntime_encoder:OnnxEncoderSession"}
+
     @classmethod
     def kind(cls, path: Path) -> str:
-        from edgekit.formats.onnx import artifact_kind
-
-        return artifact_kind(path)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike, **options: Any) -> OnnxRuntimeSession:
-        if cls.kind(Path(path)) == "encoder":  # sentence encoders: embed() instead of generate()
-            from edgekit.runtimes.onnxruntime_encoder import OnnxEncoderSession
-
-            return OnnxEncoderSession(path, **options)
-        return OnnxRuntimeSession(path, **options)
+        return fmt.artifact_kind(path)

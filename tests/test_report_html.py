@@ -282,3 +282,46 @@ def test_renders_in_headless_chromium(rendered, tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000, f"screenshot is only {len(data)} bytes: the page is probably blank"
+
+
+@pytest.fixture(scope="module")
+def three_kinds(tmp_path_factory) -> Path:
+    """One page from real artifacts of the three kinds: a GGUF, an ONNX decoder and an ONNX encoder
+    (tiny models, measured here), with predictions for two devices."""
+    from tests.test_targets import _onnx_decoder, build_tiny_encoder
+
+    from edgekit.converters.gguf import GGUFExporter
+    from edgekit.passes.rtn import Q4_0Pass
+    from edgekit.targets.report_data import collect
+    from tests.conftest import tiny_model
+
+    root = tmp_path_factory.mktemp("three")
+    (root / "gguf-f32").mkdir()
+    GGUFExporter().export(tiny_model(), root / "gguf-f32")
+    _onnx_decoder(root / "onnx-q4_0", Q4_0Pass)
+    enc = build_tiny_encoder(root / "bert", root / "minilm-like-int8")[1]
+    data = collect([root / "gguf-f32", root / "onnx-q4_0", enc], ["raspberry-pi-5", "iphone-15-pro"])
+    path = render_report(data, root / "report.html")
+    (root / "data.json").write_text(__import__("json").dumps(data, default=str))
+    return path
+
+
+def test_one_page_holds_gguf_onnx_and_encoder(three_kinds, tmp_path):
+    import json
+
+    data = json.loads((three_kinds.parent / "data.json").read_text())
+    by = {a["name"]: a for a in data["artifacts"]}
+    assert {a["format"] for a in by.values()} == {"gguf", "onnx"} and by[list(by)[2]]["kind"] == "encoder"
+    for a in by.values():
+        assert set(a["targets"]) == {"raspberry-pi-5", "iphone-15-pro"}, (a["name"], a.get("predictions_note"))
+        assert a["measured"] and a["predicted_host"]
+    enc = by[list(by)[2]]
+    assert all(t["batches"]["32"]["texts_s"] > 0 for t in enc["targets"].values())
+    assert all(t["decode_tok_s"] > 0 for a in list(by.values())[:2] for t in a["targets"].values())
+    page = three_kinds.read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert "Sentence encoders" in page and page.count("texts/s") >= 1
+    dom = _chromium(["--dump-dom", three_kinds.resolve().as_uri()], tmp_path, "dom3").stdout
+    assert list(parse(dom).figures) == FIGURE_IDS and "Sentence encoders" in dom
+    for name in by:
+        assert name in dom

@@ -181,11 +181,11 @@ def test_unknown_target_is_one_line(tiny_dir):
 
 
 def test_report_command_writes_html(tmp_path, tiny_dir):
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     dirs = []
     for quant in ("q8_0", "q4_0"):
-        convert(str(tiny_dir / "model.gguf"), "gguf", quant, tmp_path / quant, eval_tokens=512)
+        convert(ConvertRequest(str(tiny_dir / "model.gguf"), "gguf", quant, tmp_path / quant, eval_tokens=512))
         dirs.append(str(tmp_path / quant))
     out = tmp_path / "report.html"
     proc = run_cli("report", *dirs, "-o", str(out), "-t", "raspberry-pi-5", "-t", "cloud-a100")
@@ -203,3 +203,198 @@ def test_fit_from_a_single_artifact_is_finite():
     assert all(np.isfinite(v) and v >= 0 for v in [*cal.x.values(), *cal.y.values(), cal.x_kv, cal.y_attn])
     pred = pr.predict(estimate_gguf_facts(spec, "q4_0"), cal, pr.host_machine(HOST), 1056, 512)
     assert pred["decode_tok_s"] == pytest.approx(p["decode"][1][1], rel=0.05)
+
+
+# ---------------------------------------------------------------- ONNX decoders and encoders
+
+
+def _onnx_decoder(d, pass_cls=None):
+    from edgekit.converters.onnx import ONNXExporter
+
+    m = tiny_model()
+    if pass_cls is not None:
+        pass_cls().apply(m, PassContext())
+    d.mkdir(parents=True, exist_ok=True)
+    ONNXExporter().export(m, d)
+    return m, d / "model.onnx"
+
+
+def _initializer_bytes(path, op_types, slots):
+    """Bytes of the initializers that nodes of ``op_types`` read at ``slots``, each counted once (numpy)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    seen = {i for n in proto.graph.node if n.op_type in op_types for s, i in enumerate(n.input) if s in slots and i in inits}
+    return sum(inits[i].nbytes for i in seen), proto
+
+
+def test_onnx_q4_0_decoder_facts_match_the_file(tmp_path):
+    from edgekit.architectures import layout as L
+
+    m, path = _onnx_decoder(tmp_path / "q4", Q4_0Pass)
+    facts = artifact_facts(tmp_path / "q4")
+    s = m.spec
+    assert facts.format == "onnx" and facts.runtime == "onnxruntime" and facts.extra["kind"] == "decoder"
+    # every MatMulNBits B / scales byte is streamed once (the tied embedding is the head's B: not twice)
+    nbits, _ = _initializer_bytes(path, {"MatMulNBits"}, {1, 2, 3})
+    assert sum(v for t, v in facts.bytes_by_type.items() if t.startswith("NBITS")) == nbits
+    # parameters by type from the model's own tensors: 4-bit body, 8-bit tied head (the Q4_0 recipe)
+    head = s.output_head_name()
+    body = sum(m.tensors[n].size for n in m.tensors if m.tensors[n].ndim == 2 and n not in (head, L.EMBED))
+    assert facts.params_by_type == {"NBITS4": body, "NBITS8": s.vocab_size * s.hidden_size}
+    assert facts.kv_bytes_per_token == 2 * s.num_layers * s.num_kv_heads * s.head_dim * 4  # float32 cache
+    assert facts.attn_flops_per_token_per_ctx == 2 * s.num_layers * s.num_heads * 2 * s.head_dim
+    assert facts.parameters == sum(t.size for t in m.tensors.values())
+    assert facts.size_bytes == path.stat().st_size
+
+
+def test_onnx_f16_and_f32_decoder_facts(tmp_path):
+    from edgekit.passes.cast import F16Pass
+
+    m, path = _onnx_decoder(tmp_path / "f16", F16Pass)
+    facts = artifact_facts(path)
+    import onnx
+    from onnx import numpy_helper
+
+    # every fp16 initializer is a matrix (the body's, and the tied embedding read once as the head)
+    f16 = sum(a.nbytes for a in map(numpy_helper.to_array, onnx.load(str(path)).graph.initializer) if a.dtype == np.float16)
+    assert facts.bytes_by_type["F16"] == f16 and facts.params_by_type["F16"] * 2 == f16
+    assert facts.params_by_type["F16"] == sum(t.size for t in m.tensors.values() if t.ndim == 2)
+    m32, p32 = _onnx_decoder(tmp_path / "f32")
+    f32 = artifact_facts(p32)
+    matrices = sum(t.size for t in m32.tensors.values() if t.ndim == 2)  # tied embedding once, as the head
+    assert f32.params_by_type == {"F32": matrices}
+    norms = sum(t.size for t in m32.tensors.values() if t.ndim == 1)
+    assert f32.bytes_by_type["F32"] == 4 * (matrices + norms)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    return build_tiny_encoder(tmp_path_factory.mktemp("bert"), tmp_path_factory.mktemp("enc-int8"))
+
+
+def build_tiny_encoder(src, d):
+    """A 2-layer random BERT (hidden 64), int8, exported to ONNX into ``d``: (EncoderModel, d)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from edgekit.converters.onnx_encoder import ONNXEncoderExporter
+    from edgekit.encoder import load_encoder, packaged_minilm_dir
+    from edgekit.encoder_quant import quantize_encoder
+
+    torch.manual_seed(0)
+    net = BertModel(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=128), add_pooling_layer=False)
+    net.save_pretrained(str(src), safe_serialization=True)
+    shutil.copy(packaged_minilm_dir() / "tokenizer.json", src / "tokenizer.json")
+    m = load_encoder(src)
+    quantize_encoder(m, "int8")
+    ONNXEncoderExporter().export(m, d)
+    return m, d
+
+
+def test_onnx_encoder_facts_match_the_file(tiny_encoder):
+    m, d = tiny_encoder
+    facts = artifact_facts(d)
+    assert facts.extra["kind"] == "encoder" and facts.extra["num_layers"] == 2 and facts.extra["max_length"] == m.max_length
+    nbits, _ = _initializer_bytes(d / "model.onnx", {"MatMulNBits"}, {1, 2, 3})
+    assert facts.bytes_by_type["NBITS8"] == nbits
+    # the gathered word embedding is not streamed per batch, and is not a matrix product
+    gathered, _ = _initializer_bytes(d / "model.onnx", {"GatherBlockQuantized"}, {0, 2})
+    assert gathered > 0 and sum(facts.bytes_by_type.values()) < nbits + gathered
+    assert facts.params_by_type == {"NBITS8": sum(m.tensors[n].size for n in m.linear_names())}
+    assert facts.kv_bytes_per_token == 0 and facts.hidden_size == 64
+    assert facts.attn_flops_per_token_per_ctx == 4 * 64 * 2
+
+
+def _synthetic_encoder_measurement(facts, y, t0, host, batch=32):
+    """What the encoder harness would report for a machine following the model exactly."""
+    from edgekit.targets import encoder_predict as ep
+
+    c, bw = host["compute_flops"]["f32"], host["read_bandwidth_bytes_s"]
+
+    def t(n, length):
+        return ep.batch_flops(facts, n, length) * y / c + facts.bytes_per_token / bw + t0
+
+    batches = [{"n": batch, "padded": L} for L in (18, 20, 22, 25)] + [{"n": 7, "padded": 40}]
+    texts = sum(b["n"] for b in batches)
+    return {"single_latency_ms": 1000 * t(1, 12), "batch_latency_ms": 1000 * t(batch, 21),
+            "texts_s": texts / sum(t(b["n"], b["padded"]) for b in batches), "settings": {"batch_size": batch},
+            "peak_rss_bytes": facts.size_bytes + 50e6,
+            "tokens": {"median": 15, "texts": texts, "batches": batches, "batch_padded_median": 21, "single_median": 12}}
+
+
+def test_encoder_fit_recovers_known_factors_and_scales_with_the_device(tiny_encoder):
+    from edgekit.targets import encoder_predict as ep
+
+    facts = artifact_facts(tiny_encoder[1])
+    meas = _synthetic_encoder_measurement(facts, 2.5, 4e-4, HOST)
+    cal = ep.fit([ep.point_from_measurement(facts, meas, "synthetic")], HOST)
+    assert cal.y == pytest.approx(2.5, rel=1e-3) and cal.overhead_s == pytest.approx(4e-4, rel=1e-3)
+    assert cal.mem_overhead_bytes == pytest.approx(50e6)
+    host = ep.predict(facts, cal, pr.host_machine(HOST), 21, (32,))
+    assert host["batches"]["32"]["latency_ms"] == pytest.approx(meas["batch_latency_ms"], rel=1e-3)
+    pi, laptop = (ep.predict(facts, cal, pr.profile_machine(get_profile(n)), 15) for n in ("raspberry-pi-5", "x86-laptop"))
+    assert pi["calibrated"] and "synthetic" in pi["calibration"]
+    assert laptop["texts_s"] > pi["texts_s"] and pi["batches"]["32"]["texts_s"] > pi["batches"]["1"]["texts_s"]
+    # a batch of 32 costs more than one text but less than 32 of them (weights and call cost are shared)
+    b1, b32 = pi["batches"]["1"]["latency_ms"], pi["batches"]["32"]["latency_ms"]
+    assert b1 < b32 < 32 * b1
+
+
+def test_onnx_calibration_marks_onnxruntime_calibrated(tmp_path, monkeypatch):
+    from tests.conftest import tiny_spec
+
+    monkeypatch.setattr(pr, "calibration_path", lambda: tmp_path / "calibration.json")
+    spec = tiny_spec(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64)
+    pts = [synthetic_point(estimate_gguf_facts(spec, q), {"F16": 1.5, "Q8_0": 1.5, "Q4_0": 1.5}, 2, {"F16": 2, "Q8_0": 2, "Q4_0": 2}, 2)
+           for q in ("f16", "q8_0", "q4_0")]
+    for p in pts:
+        p["facts"] |= {"runtime": "onnxruntime", "format": "onnx"}
+        p["name"] = f"onnx-{len(p)}"
+    assert "onnxruntime" not in pr.profile_machine(get_profile("raspberry-pi-5")).calibrated_runtimes
+    pr.save(pr.fit(pts, HOST))
+    assert "onnxruntime" in pr.profile_machine(get_profile("raspberry-pi-5")).calibrated_runtimes
+    assert "onnxruntime" in pr.host_machine(HOST).calibrated_runtimes
+    assert pr.profile_machine(get_profile("cloud-h100")).calibrated_runtimes == ()  # GPU kernels: not measured here
+
+
+def test_profile_targets_on_onnx_decoder_and_encoder(tmp_path, tiny_encoder):
+    _, dec = _onnx_decoder(tmp_path / "dec", Q4_0Pass)
+    for art in (dec.parent, tiny_encoder[1]):
+        proc = run_cli("profile", str(art), "--json", "--no-quality", "--reps", "1", "--decode-tokens", "8",
+                       "-t", "raspberry-pi-5", "-t", "iphone-15-pro")
+        assert proc.returncode == 0, proc.stderr
+        r = json.loads(proc.stdout)
+        assert set(r["targets"]) == {"raspberry-pi-5", "iphone-15-pro"}, r.get("predictions_note")
+        for t in r["targets"].values():
+            assert "onnxruntime/onnx" in t["calibration"] and t["peak_memory_bytes"] > 0
+            if r.get("kind") == "encoder":
+                assert t["batches"]["32"]["texts_s"] > t["batches"]["1"]["texts_s"] > 0
+            else:
+                assert t["decode_tok_s"] > 0 and t["ttft_ms"] > 0
+
+
+def test_profile_of_a_runtime_that_cannot_run_here(tmp_path, monkeypatch, tiny_encoder):
+    """Core ML off macOS, generically: size, bits per weight and uncalibrated predictions from the facts."""
+    from edgekit.profile import profile
+    from edgekit.session import runtime_of
+
+    _, dec = _onnx_decoder(tmp_path / "dec", Q4_0Pass)
+    rt = runtime_of(dec)
+    monkeypatch.setattr(rt, "unavailable_reason", classmethod(lambda cls: "not on this test's OS"))
+    r = profile(dec.parent, targets=["raspberry-pi-5"])
+    assert r["speed"] is None and r["speed_note"] == "not on this test's OS"
+    assert r["bits_per_weight"] == pytest.approx(8 * r["size_bytes"] / r["parameters"])
+    t = r["targets"]["raspberry-pi-5"]
+    assert not t["calibrated"] and t["decode_tok_s"] > 0 and any("uncalibrated" in n for n in t["notes"])
+    e = profile(tiny_encoder[1], targets=["iphone-15-pro"])
+    assert e["kind"] == "encoder" and not e["targets"]["iphone-15-pro"]["calibrated"]
+    # facts that cannot be read: one line saying why, not silence
+    (dec.parent / "onnx_config.json").write_text("{}")
+    bad = profile(dec.parent, targets=["raspberry-pi-5"])
+    assert bad["targets"] == {} and bad["predictions_note"].startswith("skipped: ") and "\n" not in bad["predictions_note"]

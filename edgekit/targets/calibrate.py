@@ -21,7 +21,7 @@ CALIBRATION_CONFIG = SpeedConfig(reps=5, long_context=1024)
 
 def default_artifacts(log: Callable[[str], None], progress, formats: tuple[str, ...] = tuple(DEFAULT_RECIPES)) -> list[Path]:
     """The embedded model at the default recipes of each format, converted once into the cache."""
-    from edgekit.convert import convert
+    from edgekit.convert import ConvertRequest, convert
 
     root = cache_dir("calibration-artifacts")
     out = []
@@ -30,7 +30,7 @@ def default_artifacts(log: Callable[[str], None], progress, formats: tuple[str, 
             d = root / (quant if fmt == "gguf" else f"{fmt}-{quant}")  # GGUF keeps the cache layout it had
             if not (d / "manifest.json").exists():
                 log(f"converting the default model to {fmt} {quant} for calibration")
-                convert(None, fmt, quant, d, force=True, progress=progress)
+                convert(ConvertRequest(None, fmt, quant, d, force=True, progress=progress))
             out.append(d)
     return out
 

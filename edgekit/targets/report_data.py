@@ -97,6 +97,7 @@ def _measure(file: Path, kind: str, text: str) -> dict[str, Any]:
         from edgekit.harness.embedding import EmbedSpeedConfig, measure, read_sentences
 
         return measure(str(file), read_sentences()[0], EmbedSpeedConfig(reps=3)) | {"kind": "encoder"}
+    from edgekit.harness.speed import SpeedConfig, measure
 
     return measure(str(file), text, SpeedConfig(reps=3))
 
