@@ -1,4 +1,4 @@
-"""Half-precision storage for every matrix (norms stay float32, as llama.cpp's F16 files do)."""
+"""Float storage: float16 for every matrix (norms stay float32, as llama.cpp's F16 files do), or float32."""
 
 from __future__ import annotations
 
@@ -11,21 +11,18 @@ class F16Pass(Pass):
     description = "float16 weights (norms float32)"
     kinds = frozenset({"decoder", "encoder"})
     tolerance = {"kld_mean": 5e-3, "cosine_distance_mean": 1e-4, "cosine_distance_worst": 1e-3}
+    dtype = "f16"
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
-        names = model.linear_names()
+        # float32 is the absence of an encoding: nothing to record per tensor
+        names = model.linear_names() if self.dtype != "f32" else []
         for n in names:
-            model.encodings[n] = Cast("f16")
+            model.encodings[n] = Cast(self.dtype)
         return {"pass": self.name, "tensors": len(names)}
 
 
-class F32Pass(Pass):
+class F32Pass(F16Pass):
     """No compression: every tensor stays float32 (``--quant fp32``, the float reference as an artifact)."""
 
-    name = "fp32"
-    description = "float32 weights (no quantization)"
-    kinds = frozenset({"decoder", "encoder"})
+    name, description, dtype = "fp32", "float32 weights (no quantization)", "f32"
     tolerance = {"kld_mean": 1e-3, "cosine_distance_mean": 1e-5, "cosine_distance_worst": 1e-4}
-
-    def apply(self, model: Model, ctx: PassContext) -> dict:
-        return {"pass": self.name, "tensors": 0}
