@@ -12,7 +12,7 @@ from typing import Any
 from edgekit.errors import EdgekitError
 
 __version__ = "0.1.0"
-__all__ = ["load", "EdgekitError", "__version__"]
+__all__ = ["load", "convert", "ConvertRequest", "EdgekitError", "__version__"]
 
 
 def load(path: Any, **options: Any):
@@ -20,3 +20,20 @@ def load(path: Any, **options: Any):
     from edgekit.session import load as _load
 
     return _load(path, **options)
+
+
+def convert(request: Any) -> dict[str, Any]:
+    """``edgekit convert`` as a call: ``edgekit.convert(edgekit.ConvertRequest("minilm", "onnx", "int8", "out"))``.
+
+    Returns the manifest written beside the artifact (needs the ``[convert]`` extra)."""
+    from edgekit.pipeline import convert as _convert
+
+    return _convert(request)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ConvertRequest":  # resolved lazily: the pipeline module is not needed to load artifacts
+        from edgekit.pipeline import ConvertRequest
+
+        return ConvertRequest
+    raise AttributeError(name)
