@@ -66,13 +66,13 @@ def _check(compare, case, name, facts, cal, speed, host):
 
     st = speed["settings"]
     short = int(st["prompt_tokens"] + st["decode_tokens"] / 2)
-    p = pr.predict(facts, cal, pr.host_machine(host, cal), short, st["prompt_tokens"], speed["n_ctx"])
+    p = pr.predict(facts, cal, pr.host_machine(host), short, st["prompt_tokens"], speed["n_ctx"])
     compare(case, name, f"decode tok/s @ctx {short}", p["decode_tok_s"], speed["decode_tok_s"])
     compare(case, name, f"TTFT ms @{st['prompt_tokens']} prompt", p["ttft_ms"], speed["ttft_ms"])
     if "long_context" in speed:
         lc = speed["long_context"]
         long_ctx = int(lc["prompt_tokens"] + st["decode_tokens"] / 2)
-        pl = pr.predict(facts, cal, pr.host_machine(host, cal), long_ctx, lc["prompt_tokens"], speed["n_ctx"])
+        pl = pr.predict(facts, cal, pr.host_machine(host), long_ctx, lc["prompt_tokens"], speed["n_ctx"])
         compare(case, name, f"decode tok/s @ctx {long_ctx}", pl["decode_tok_s"], lc["decode_tok_s"])
         compare(case, name, f"TTFT ms @{lc['prompt_tokens']} prompt", pl["ttft_ms"], lc["ttft_ms"])
     compare(case, name, "peak memory MB", p["peak_memory_bytes"] / 1e6, speed["peak_rss_bytes"] / 1e6)

@@ -306,14 +306,14 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
     st = speed["settings"]
     measured_ctx = st["prompt_tokens"] + st["decode_tokens"] / 2
     out["calibration"] = how
-    out["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host, cal), int(measured_ctx), st["prompt_tokens"], speed["n_ctx"])
+    out["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host), int(measured_ctx), st["prompt_tokens"], speed["n_ctx"])
     ctx = context or int(measured_ctx)
     p = prompt_tokens or st["prompt_tokens"]
     out["targets"] = {}
     cloud: dict[str, Any] = {}
     for name in targets:
         if name == "host":
-            out["targets"]["host"] = pr.predict(facts, cal, pr.host_machine(host, cal), ctx, p) | {"kind": "cpu"}
+            out["targets"]["host"] = pr.predict(facts, cal, pr.host_machine(host), ctx, p) | {"kind": "cpu"}
             continue
         prof = profiles[name]
         if prof.is_cloud():
@@ -321,7 +321,7 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
 
             cloud[name] = simulate(facts, prof, p)
             continue
-        out["targets"][name] = pr.predict(facts, cal, pr.profile_machine(prof, cal), ctx, p) | {"kind": prof.kind}
+        out["targets"][name] = pr.predict(facts, cal, pr.profile_machine(prof), ctx, p) | {"kind": prof.kind}
     if cloud_url:
         from edgekit.targets.cloud import measure_endpoint
 
@@ -371,7 +371,6 @@ def unmeasured_profile(file: Path, rt, kind: str, manifest: dict | None, why: st
         if prof.is_cloud():
             continue
         machine = pr.profile_machine(prof)
-        machine.calibrated_runtimes = ()  # nothing of this runtime was measured, whatever is stored
         if kind == "encoder":
             pred = ep.predict(facts, ep.uncalibrated(facts), machine, ep.typical_tokens(facts))
         else:

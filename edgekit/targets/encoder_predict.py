@@ -105,7 +105,7 @@ def predict(facts: ArtifactFacts, cal: EncoderCalibration, m: Machine, tokens: f
             batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
     """Latency per batch and texts/s at ``tokens`` tokens per text, for each batch size, on ``m``."""
     # the host's fit applies to CPU-class machines that run this runtime (the host runs anything)
-    calibrated = bool(cal.points) and m.kind in ("cpu", "mobile") and (m.runtimes is None or facts.runtime in m.runtimes)
+    calibrated = bool(cal.points) and m.cpu_kernels and (m.runtimes is None or facts.runtime in m.runtimes)
     y = cal.y if calibrated else 1 / UNCALIBRATED_EFFICIENCY
     t0 = cal.overhead_s * cal.host_compute_flops / m.compute_flops if calibrated and cal.host_compute_flops else 0.0
     per_batch = {}

@@ -204,9 +204,21 @@ class Machine:
     compute_flops: float
     storage_read_bytes_s: float | None
     memory_budget_bytes: float | None
-    calibrated_runtimes: tuple[str, ...]
+    cpu_kernels: bool  # runs the CPU kernels the host calibrates (CPU and mobile CPUs; not GPUs)
     notes: list[str] = field(default_factory=list)
     runtimes: tuple[str, ...] | None = None  # what the device runs (None: anything, the host)
+
+    def runs_calibrated(self, cal: "Calibration", runtime: str) -> bool:
+        """True when ``cal`` holds factors measured here for ``runtime`` and this machine runs its kernels."""
+        return (bool(cal.points) and cal.runtime == runtime and self.cpu_kernels
+                and (self.runtimes is None or runtime in self.runtimes))
+
+    @property
+    def calibrated_runtimes(self) -> tuple[str, ...]:
+        """The runtimes ``edgekit calibrate`` stored factors for that this machine runs."""
+        if not self.cpu_kernels:
+            return ()
+        return tuple(n for n in stored_runtimes() if self.runtimes is None or n in self.runtimes)
 
 
 def stored_runtimes() -> tuple[str, ...]:
@@ -218,19 +230,12 @@ def stored_runtimes() -> tuple[str, ...]:
     return tuple(sorted({key.split("/")[0] for key in json.loads(path.read_text()) if key.count("/") == 1}))
 
 
-def _calibrated(cal: "Calibration | None", runs: tuple[str, ...] | None) -> tuple[str, ...]:
-    """Runtimes whose host-fitted factors apply: those stored, plus the one ``cal`` was fitted for
-    (a fit from the profiled artifact's own measurement), limited to what the machine runs."""
-    names = set(stored_runtimes()) | ({cal.runtime} if cal is not None and cal.points else set())
-    return tuple(sorted(n for n in names if runs is None or n in runs))
-
-
-def host_machine(host: dict[str, Any], cal: "Calibration | None" = None) -> Machine:
+def host_machine(host: dict[str, Any]) -> Machine:
     return Machine("host", "cpu", host["read_bandwidth_bytes_s"], host["compute_flops"]["f32"], None,
-                   host["ram_bytes"], _calibrated(cal, None))
+                   host["ram_bytes"], True)
 
 
-def profile_machine(profile, cal: "Calibration | None" = None) -> Machine:
+def profile_machine(profile) -> Machine:
     notes = []
     copy = profile.get("copy_bandwidth")
     if copy is not None:
@@ -241,20 +246,17 @@ def profile_machine(profile, cal: "Calibration | None" = None) -> Machine:
     # CPU-class devices run the same CPU kernels the host calibrated (for the runtimes they list);
     # GPU-class devices do not
     cpu = profile.kind in ("cpu", "mobile")
-    calibrated = _calibrated(cal, tuple(profile.runtimes)) if cpu else ()
     if not cpu:
         notes.append(f"{profile.kind}: GPU kernels are not calibrated on this host; efficiency {UNCALIBRATED_EFFICIENCY} assumed")
     dtype = "f32" if cpu else "f16"
-    m = Machine(profile.name, profile.kind, bw, profile.compute_flops(dtype), profile.storage_read_bytes_s(),
-                profile.memory_budget_bytes(), calibrated, notes)
-    m.runtimes = tuple(profile.runtimes)
-    return m
+    return Machine(profile.name, profile.kind, bw, profile.compute_flops(dtype), profile.storage_read_bytes_s(),
+                   profile.memory_budget_bytes(), cpu, notes, tuple(profile.runtimes))
 
 
 def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, prompt_tokens: int,
             n_ctx: int | None = None) -> dict[str, Any]:
     """Predicted load time, TTFT, prefill and decode speed, and peak memory of ``facts`` on ``m``."""
-    calibrated = facts.runtime in m.calibrated_runtimes
+    calibrated = m.runs_calibrated(cal, facts.runtime)
     unc = 1 / UNCALIBRATED_EFFICIENCY
 
     def xt(t):

@@ -64,7 +64,7 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
             entry["measured"] = {k: measured.get(k) for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_bytes", "load_s", "measured_at")}
             cal, how = calibration_for(facts, measured, host)
             st = measured["settings"]
-            entry["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host, cal), int(st["prompt_tokens"] + st["decode_tokens"] / 2),
+            entry["predicted_host"] = pr.predict(facts, cal, pr.host_machine(host), int(st["prompt_tokens"] + st["decode_tokens"] / 2),
                                                  st["prompt_tokens"], measured.get("n_ctx"))
         else:
             cal = pr.load(facts.runtime, facts.format)
@@ -78,7 +78,7 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
             if p.is_cloud():
                 cloud.setdefault(n, simulate(facts, p, prompt_tokens))
                 continue
-            entry["targets"][n] = pr.predict(facts, cal, pr.profile_machine(p, cal), context, prompt_tokens) | {"kind": p.kind}
+            entry["targets"][n] = pr.predict(facts, cal, pr.profile_machine(p), context, prompt_tokens) | {"kind": p.kind}
     hi = host_info()
     return {
         "title": "edgekit report",
