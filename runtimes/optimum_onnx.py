@@ -24,17 +24,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
-from edgekit.runtimes import TextSession
-from edgekit.runtimes.onnxruntime import OnnxRuntimeSession, default_threads, open_ort_session
-# (the lead moved these shared text helpers to edgekit.runtimes.text)
-from edgekit.runtimes.text import _bytelevel_bytes, _spm_bytes
+from edgekit.runtimes.onnxruntime import default_threads, open_ort_session
+from edgekit.runtimes.text import TokenizerJsonSession
 from edgekit.runtimes.text import one_line as _one_line
 
 ENGINES = ("optimum", "onnxruntime")
@@ -133,72 +130,31 @@ class _OptimumEngine:
         return out.logits[0].numpy(), out.past_key_values
 
 
-class HFTextSession(TextSession):
-    """What sessions on Hugging Face style directories share: ``tokenizer.json`` through tokenizers,
-    the chat template of ``tokenizer_config.json``, sampling, streaming and scoring on top of a
-    backend's ``_run_step(ids)`` (logits [len(ids), vocab] after the cached positions) and ``_reset()``."""
+class HFTextSession(TokenizerJsonSession):
+    """A session on a Hugging Face style directory: edgekit's tokenizer.json session fed from
+    ``tokenizer.json`` / ``tokenizer_config.json`` (chat template, special tokens), on top of a backend's
+    ``_run_step(ids)`` (logits [len(ids), vocab] after the cached positions) and ``_reset()``."""
 
     runtime = ""
     hint = EXPORT_HINT
 
     def _init_text(self, folder: Path, n_vocab: int, eos: Any, n_ctx: int, n_batch: int, n_threads: int | None,
                    seed: int | None) -> None:
-        self.tok_config = _read_json(folder / "tokenizer_config.json", required=False)
+        tok_config = _read_json(folder / "tokenizer_config.json", required=False)
         if (folder / "chat_template.jinja").is_file():  # transformers >= 4.5x saves the template on its own
-            self.tok_config["chat_template"] = (folder / "chat_template.jinja").read_text()
-        self._load_tokenizer(folder / "tokenizer.json")
-        self.n_vocab = int(n_vocab)
-        self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+            tok_config["chat_template"] = (folder / "chat_template.jinja").read_text()
+        tok_json = _read_json(folder / "tokenizer.json", required=False)
+        special = [t["id"] for t in tok_json.get("added_tokens", []) if isinstance(t, dict) and t.get("special")]
+        tokens = {k: (v.get("content", "") if isinstance(v, dict) else v or "") for k, v in tok_config.items()
+                  if k in ("bos_token", "eos_token")}
+        self._text_setup(folder / "tokenizer.json", seed, {
+            "vocab_size": n_vocab, "eos_token_id": eos, "control_token_ids": special,
+            # byte-level BPE (GPT-2 style) or SentencePiece pieces ("▁", <0xNN> byte fallback)
+            "tokenizer_model": "gpt2" if "ByteLevel" in json.dumps(tok_json.get("decoder")) else "llama",
+            "chat_template": tok_config.get("chat_template"), **tokens})
         self.n_ctx, self.n_batch = int(n_ctx), max(1, int(n_batch))
         self.n_threads = int(n_threads or default_threads())
-        self._rng = np.random.default_rng(seed)
-        self._n_past, self._ready = 0, False
-
-    # ------------------------------------------------------------------ text
-
-    def _load_tokenizer(self, path: Path) -> None:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise MissingDependencyError("this runtime needs tokenizers", "pip install tokenizers") from None
-        try:
-            self._tok = Tokenizer.from_file(str(path))
-            decoder = json.dumps(json.loads(path.read_text()).get("decoder"))
-        except Exception as exc:
-            raise InputError(f"{path} is missing or unreadable ({_one_line(exc)})", self.hint) from None
-        # byte-level BPE (GPT-2 style) or SentencePiece pieces ("▁", <0xNN> byte fallback)
-        piece = _bytelevel_bytes if "ByteLevel" in decoder else _spm_bytes
-        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        vocab = self._tok.get_vocab(with_added_tokens=True)
-        self._bytes = [b""] * (max(vocab.values()) + 1 if vocab else 0)
-        for text, i in vocab.items():
-            if i not in special:
-                self._bytes[i] = piece(text)
-
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        # as the other sessions: no BOS added, special-token text parsed only when asked
-        self._tok.encode_special_tokens = not special
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def _token_bytes(self, tok: int) -> bytes:
-        return self._bytes[tok] if 0 <= tok < len(self._bytes) else b""
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return b"".join(self._token_bytes(int(t)) for t in ids).decode("utf-8", errors="replace")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return min(self._eos_ids) if self._eos_ids else None
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The tokenizer_config.json chat template, rendered as edgekit's ONNX sessions render theirs."""
-        cfg = self.tok_config
-        tokens = {k: (v.get("content", "") if isinstance(v, dict) else v or "") for k, v in cfg.items()
-                  if k in ("bos_token", "eos_token")}
-        return OnnxRuntimeSession.chat_prompt(SimpleNamespace(config={"chat_template": cfg.get("chat_template"), **tokens}),
-                                              messages)
-
-    # ------------------------------------------------------------------ the decoder
+        self._ready = False
 
     def _reset(self) -> None:  # the backend drops its cache
         raise NotImplementedError
@@ -206,65 +162,19 @@ class HFTextSession(TextSession):
     def _run_step(self, ids: Sequence[int]) -> np.ndarray:
         raise NotImplementedError
 
+    def _need_session(self) -> None:
+        if not self._ready:
+            raise InputError("this session was opened with vocab_only=True (or closed)", "open it again without vocab_only")
+
     def reset(self) -> None:
         self._reset()
         self._n_past = 0
 
-    def _step(self, ids: Sequence[int]) -> np.ndarray:
-        if not self._ready:
-            raise InputError("this session was opened with vocab_only=True (or closed)", "open it again without vocab_only")
-        if self._n_past + len(ids) > self.n_ctx:
-            raise InputError(f"{self._n_past + len(ids)} tokens exceed the context of {self.n_ctx}",
-                             "shorten the prompt or open the session with a larger n_ctx")
+    def _step(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        self._need_session()
         logits = self._run_step(ids)
         self._n_past += len(ids)
         return logits
-
-    def _forward(self, ids: Sequence[int]) -> list[np.ndarray]:
-        return [self._step(list(ids[i : i + self.n_batch])) for i in range(0, len(ids), self.n_batch)]
-
-    def prefill(self, prompt_ids: Sequence[int]) -> None:
-        """Evaluate a prompt from an empty cache without sampling (what prefill speed measures)."""
-        self.reset()
-        self._forward(list(prompt_ids))
-
-    def _sample(self, logits: np.ndarray, temperature: float) -> int:
-        if temperature <= 0:
-            return int(np.argmax(logits))
-        top = np.argpartition(logits, -40)[-40:]  # top-k 40, as the other sessions sample
-        z = logits[top].astype(np.float64) / temperature
-        p = np.exp(z - z.max())
-        return int(top[self._rng.choice(len(top), p=p / p.sum())])
-
-    def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
-                      ignore_eos: bool = False) -> Iterator[int]:
-        ids = list(prompt_ids)
-        if not ids:
-            raise InputError("the prompt is empty", "pass at least one token")
-        if len(ids) + max_tokens > self.n_ctx:
-            raise InputError(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
-                             "shorten the prompt or open the session with a larger n_ctx")
-        self.reset()
-        last = self._forward(ids)[-1][-1]
-        for n in range(max_tokens):
-            tok = self._sample(last, temperature)
-            if tok in self._eos_ids and not ignore_eos:
-                return
-            yield tok
-            if n + 1 >= max_tokens:
-                return
-            last = self._step([tok])[-1]
-
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Next-token logits for every position of ``token_ids`` (shape [n, vocab], float32)."""
-        ids = list(token_ids)
-        if not ids:
-            return np.empty((0, self.n_vocab), np.float32)
-        self.reset()
-        try:
-            return np.ascontiguousarray(np.concatenate(self._forward(ids)), dtype=np.float32)
-        finally:
-            self.reset()
 
 
 class OptimumOnnxSession(HFTextSession):

@@ -79,10 +79,14 @@ class TokenizerJsonSession(TextSession):
     n_vocab: int
     context_hint = "shorten the prompt or open the session with a larger n_ctx"
 
-    def _text_setup(self, tokenizer_file: Path, seed: int | None) -> None:
-        cfg = self.config
+    def _text_setup(self, tokenizer_file: Path, seed: int | None, text_config: dict[str, Any] | None = None) -> None:
+        """Read the tokenizer; ``text_config`` (default ``self.config``) gives vocab_size, eos_token_id (one
+        or a list), control_token_ids, tokenizer_model ("gpt2" byte-level or "llama" SentencePiece),
+        chat_template, bos_token and eos_token."""
+        self._text_config = cfg = text_config if text_config is not None else self.config
         self.n_vocab = int(cfg["vocab_size"])
-        self._eos = cfg.get("eos_token_id")
+        eos = cfg.get("eos_token_id")
+        self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._rng = np.random.default_rng(seed)
         self._n_past = 0
         try:
@@ -115,12 +119,13 @@ class TokenizerJsonSession(TextSession):
         return b"".join(self._token_bytes(int(t)) for t in ids).decode("utf-8", errors="replace")
 
     @property
-    def eos_token_id(self) -> int:
-        return self._eos
+    def eos_token_id(self) -> int | None:
+        return min(self._eos_ids) if self._eos_ids else None
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Apply the model's own chat template (from the artifact's config), rendered like llama-cpp-python does."""
-        template = self.config.get("chat_template")
+        cfg = self._text_config
+        template = cfg.get("chat_template")
         if not template:
             return "\n".join(m["content"] for m in messages)
         import jinja2
@@ -135,7 +140,7 @@ class TokenizerJsonSession(TextSession):
         env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
         return env.from_string(template).render(
-            messages=messages, eos_token=self.config.get("eos_token", ""), bos_token=self.config.get("bos_token", ""),
+            messages=messages, eos_token=cfg.get("eos_token", ""), bos_token=cfg.get("bos_token", ""),
             add_generation_prompt=True, raise_exception=raise_exception,
             strftime_now=lambda f: datetime.now().strftime(f))
 
@@ -195,7 +200,7 @@ class TokenizerJsonSession(TextSession):
         last = self._forward(ids, keep="last")
         for n in range(max_tokens):
             tok = self._sample(last, temperature)
-            if tok == self._eos and not ignore_eos:
+            if tok in self._eos_ids and not ignore_eos:
                 return
             yield tok
             if n + 1 >= max_tokens:
