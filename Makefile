@@ -53,7 +53,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # the built wheel in fresh venvs: [convert] converts a tiny model to GGUF and ONNX, [runtime] runs both
-# without torch (.ci/wheel_check.sh; ~N min, most of it pip installing the [convert] set)
+# without torch (.ci/wheel_check.sh: 2.5-6 min on 2 cores, most of it pip installing the [convert] set)
 wheel-check: setup
 	PYTHON=$(PYTHON) WHEELHOUSE=$(WHEELHOUSE) bash .ci/wheel_check.sh
 

@@ -135,18 +135,7 @@ def _gguf(args, console, host, text, compare) -> None:
                    SpeedConfig(reps=3, prompt_tokens=256, prefill_tokens=256, long_context=1536))
 
     def check_all(case, quant, cal, speed):
-        facts = arts[quant]
-        st = speed["settings"]
-        short = int(st["prompt_tokens"] + st["decode_tokens"] / 2)
-        p = pr.predict(facts, cal, pr.host_machine(host), short, st["prompt_tokens"], speed["n_ctx"])
-        compare(case, quant, f"decode tok/s @ctx {short}", p["decode_tok_s"], speed["decode_tok_s"])
-        compare(case, quant, f"TTFT ms @{st['prompt_tokens']} prompt", p["ttft_ms"], speed["ttft_ms"])
-        lc = speed["long_context"]
-        long_ctx = int(lc["prompt_tokens"] + st["decode_tokens"] / 2)
-        pl = pr.predict(facts, cal, pr.host_machine(host), long_ctx, lc["prompt_tokens"], speed["n_ctx"])
-        compare(case, quant, f"decode tok/s @ctx {long_ctx}", pl["decode_tok_s"], lc["decode_tok_s"])
-        compare(case, quant, f"TTFT ms @{lc['prompt_tokens']} prompt", pl["ttft_ms"], lc["ttft_ms"])
-        compare(case, quant, "peak memory MB", p["peak_memory_bytes"] / 1e6, speed["peak_rss_bytes"] / 1e6)
+        _check(compare, case, quant, arts[quant], cal, speed, host)
 
     cal = pr.fit([points[q] for q in ("f16", "q8_0", "q4_0")], host)
     check_all("held-out recipe", "int4", cal, speeds["int4"])

@@ -106,23 +106,11 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def measure_in_process(artifact: str, sentences: list[str], cfg: EmbedSpeedConfig) -> dict[str, Any]:
-    import psutil
+    from edgekit.harness.speed import _peak_rss_bytes, timed_loads
 
-    import edgekit
-    from edgekit.harness.speed import _peak_rss_bytes
-
-    opts = {"n_threads": cfg.n_threads} if cfg.n_threads else {}
-    rss_start = psutil.Process().memory_info().rss
-    loads = []
-    for _ in range(cfg.load_reps):
-        t0 = time.perf_counter()
-        s = edgekit.load(artifact, **opts)
-        loads.append(time.perf_counter() - t0)
-        if len(loads) < cfg.load_reps:
-            s.close()
+    s, loads, rss_start, rss_loaded = timed_loads(artifact, cfg.load_reps, cfg.n_threads)
     if not hasattr(s, "embed"):
         raise InputError(f"{artifact} is not an encoder", "use `edgekit profile` on it without the encoder harness")
-    rss_loaded = psutil.Process().memory_info().rss
     bs = cfg.batch_size
     batches = [sentences[i : i + bs] for i in range(0, len(sentences), bs)]
     rates, batch_ms, single_ms = [], [], []

@@ -51,21 +51,27 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, Any]:
+def timed_loads(artifact: str, reps: int, n_threads: int | None):
+    """(last session, load times, RSS before the first load, RSS after the last): every harness opens
+    the artifact ``reps`` times and keeps the last session open."""
     import psutil
 
     import edgekit
 
-    opts = {"n_threads": cfg.n_threads} if cfg.n_threads else {}
+    opts = {"n_threads": n_threads} if n_threads else {}
     rss_start = psutil.Process().memory_info().rss
     loads = []
-    for _ in range(cfg.load_reps):
+    for _ in range(max(1, reps)):
         t0 = time.perf_counter()
         s = edgekit.load(artifact, **opts)
         loads.append(time.perf_counter() - t0)
-        if len(loads) < cfg.load_reps:
+        if len(loads) < reps:
             s.close()
-    rss_loaded = psutil.Process().memory_info().rss
+    return s, loads, rss_start, psutil.Process().memory_info().rss
+
+
+def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, Any]:
+    s, loads, rss_start, rss_loaded = timed_loads(artifact, cfg.load_reps, cfg.n_threads)
     ids = s.tokenize(text)
     need = max(cfg.prompt_tokens, cfg.prefill_tokens, cfg.long_context)
     if len(ids) < need:

@@ -16,7 +16,6 @@ kernels) and ``t0`` scaled by its compute relative to the host's (the per-call w
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.targets.facts import ArtifactFacts
-from edgekit.targets.predict import UNCALIBRATED_EFFICIENCY, Machine, _solve_nonneg, calibration_path
+from edgekit.targets import predict as pr
+from edgekit.targets.predict import UNCALIBRATED_EFFICIENCY, Machine, _solve_nonneg
 
 BATCHES = (1, 32)  # the batch sizes every encoder prediction reports
 
@@ -136,17 +136,11 @@ def predict(facts: ArtifactFacts, cal: EncoderCalibration, m: Machine, tokens: f
 
 
 def save(cal: EncoderCalibration) -> None:
-    path = calibration_path()
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[cal.key] = asdict(cal)
-    path.write_text(json.dumps(data, indent=2))
+    pr.store(cal.key, asdict(cal))
 
 
 def load(runtime: str, fmt: str) -> EncoderCalibration | None:
-    path = calibration_path()
-    if not path.exists():
-        return None
-    entry = json.loads(path.read_text()).get(f"{runtime}/{fmt}/encoder")
+    entry = pr.store(f"{runtime}/{fmt}/encoder")
     return EncoderCalibration(**entry) if entry else None
 
 

@@ -176,18 +176,22 @@ def calibration_path():
     return cache_dir() / "calibration.json"
 
 
-def save(cal: Calibration) -> None:
+def store(key: str, entry: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The stored calibration under ``key`` ("runtime/format", or ".../encoder"); with ``entry``, replace it."""
     path = calibration_path()
     data = json.loads(path.read_text()) if path.exists() else {}
-    data[f"{cal.runtime}/{cal.format}"] = asdict(cal)
-    path.write_text(json.dumps(data, indent=2))
+    if entry is not None:
+        data[key] = entry
+        path.write_text(json.dumps(data, indent=2))
+    return data.get(key)
+
+
+def save(cal: Calibration) -> None:
+    store(f"{cal.runtime}/{cal.format}", asdict(cal))
 
 
 def load(runtime: str, fmt: str) -> Calibration | None:
-    path = calibration_path()
-    if not path.exists():
-        return None
-    entry = json.loads(path.read_text()).get(f"{runtime}/{fmt}")
+    entry = store(f"{runtime}/{fmt}")
     return Calibration(**entry) if entry else None
 
 
