@@ -232,7 +232,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
         ref, ref_why = (_explicit_reference(reference), None) if reference is not None else _manifest_reference(manifest)
         if reference is not None and ref.opens is not None:
             _reference_tokens(file, ref, text)
-    result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": file.stat().st_size}
+    result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": model_bytes(file)}
     if fmt == "gguf":
         from edgekit.converters.gguf_layout import gguf_weight_stats
 
@@ -262,6 +262,14 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
     save_profile_result(file, result)
     result.update(predictions(file, speed, text, targets, context, prompt_tokens, profiles, cloud_url))
     return result
+
+
+def model_bytes(file: Path) -> int:
+    """Bytes of the model: the file and its external data beside it (``model.onnx.data``, genai's
+    ``model.onnx_data``), or a package directory."""
+    if file.is_dir():
+        return sum(p.stat().st_size for p in file.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in file.parent.iterdir() if p.is_file() and p.name.startswith(file.name))
 
 
 def _profile_cache(file: Path) -> Path:
