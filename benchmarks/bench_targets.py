@@ -8,8 +8,9 @@ on a calibration subset and predicts what was held out, then compares with the m
 * held-out storage type: calibrate on two of f16 / q8_0 / q4_0, predict the third (its kernel's
   efficiency is then unknown and taken as the median of the others: the hardest case);
 * peak memory: the overhead fitted without the artifact predicted;
-* ONNX Runtime (``--formats onnx``): calibrate on the ONNX f16 + q8_0 exports, predict the held-out q4_0
-  (MatMulNBits 4-bit, a kernel never measured in that calibration) and measure it in the same run.
+* ONNX Runtime (``--formats onnx``), measured in the same run: calibrate on the ONNX f16 + q8_0 + q4_0
+  exports and predict the held-out int4 recipe (what ``edgekit calibrate`` fits by default); and,
+  harder, calibrate on f16 + q8_0 and predict q4_0 (MatMulNBits 4-bit, a kernel never measured).
 
 Prints a table (predicted, measured, error) and writes benchmarks/results/targets.json.
 """
@@ -79,14 +80,15 @@ def _check(compare, case, name, facts, cal, speed, host):
 
 
 def _onnx(args, console, host, text, compare) -> None:
-    """ONNX Runtime: calibrate on f16 + q8_0, predict the held-out q4_0, measured in the same run."""
+    """ONNX Runtime: held-out int4 recipe (calibrated on f16 + q8_0 + q4_0) and held-out 4-bit kernel (q4_0
+    predicted from f16 + q8_0), all measured in the same run."""
     from edgekit.convert import ConvertRequest, convert
     from edgekit.harness.speed import SpeedConfig, measure
     from edgekit.targets import predict as pr
     from edgekit.targets.facts import artifact_facts
 
     facts, points, speeds = {}, {}, {}
-    for quant in ("f16", "q8_0", "q4_0"):
+    for quant in ("f16", "q8_0", "q4_0", "int4"):
         d = args.out / f"onnx-{quant}"
         if not (d / "manifest.json").exists():
             console.print(f"[dim]converting the default model to ONNX {quant}...[/dim]")
@@ -96,9 +98,12 @@ def _onnx(args, console, host, text, compare) -> None:
         speeds[quant] = measure(str(d / "model.onnx"), text, SpeedConfig(reps=args.reps, long_context=1024))
         speeds[quant]["name"] = f"onnx-{quant}"
         points[quant] = pr.point_from_speed(facts[quant], speeds[quant])
-    cal = pr.fit([points["f16"], points["q8_0"]], host)
-    _check(compare, "ONNX held-out recipe/type (calibrated on f16 + q8_0)", "onnx:q4_0", facts["q4_0"], cal, speeds["q4_0"], host)
-    for q in ("f16", "q8_0"):
+    cal = pr.fit([points[q] for q in ("f16", "q8_0", "q4_0")], host)
+    _check(compare, "ONNX held-out recipe (calibrated on f16 + q8_0 + q4_0)", "onnx:int4", facts["int4"], cal,
+           speeds["int4"], host)
+    two = pr.fit([points["f16"], points["q8_0"]], host)
+    _check(compare, "ONNX held-out type (calibrated on f16 + q8_0)", "onnx:q4_0", facts["q4_0"], two, speeds["q4_0"], host)
+    for q in ("f16", "q8_0", "q4_0"):
         _check(compare, "ONNX in-sample (fit quality)", f"onnx:{q}", facts[q], cal, speeds[q], host)
 
 
