@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgekit.model import BlockQuant, Cast, Model
+from edgekit.model import BlockQuant, Model
 
 PASS_NAME = "edgekit::pack_edgekit_weights"
 _PARAM = re.compile(r"^w(\d+)(?:_|$)")

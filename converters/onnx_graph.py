@@ -410,7 +410,7 @@ def read_matrices(proto) -> dict[str, np.ndarray]:
             b, s = numpy_helper.to_array(inits[bname]), numpy_helper.to_array(inits[node.input[2]])
             k = s.size // b.shape[0] * a["block_size"]
             full.setdefault(bname, unpack_nbits(b, s, a["bits"], a["block_size"], k))
-    for name, rows in layout.items():
+    for name in layout:
         if name not in full and name in inits:
             w = numpy_helper.to_array(inits[name]).astype(np.float32)
             full[name] = w if name.startswith("embed") else w.T  # the embedding is [vocab, hidden]

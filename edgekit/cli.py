@@ -24,16 +24,19 @@ def _console(stderr: bool = False):
 
 @app.command()
 def convert(
-    model: Optional[str] = typer.Argument(None, help="A .gguf file, a Hugging Face directory (llama, mistral, qwen2, qwen3, gemma3_text, phi3, bert), or nothing for the embedded SmolLM2-135M."),
+    model: Optional[str] = typer.Argument(None, help="A .gguf file, a Hugging Face directory (llama, mistral, qwen2, qwen3, "
+                                          "gemma3_text, phi3, bert), 'minilm', or nothing for the embedded SmolLM2-135M."),
     format: str = typer.Option("gguf", "--format", "-f", help="Export format."),
     quant: Optional[str] = typer.Option(None, "--quant", "-q", help=f"Compression: {QUANTS}. Default int4, or chosen by --target's plan."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (artifact + manifest.json)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     eval_text: Optional[Path] = typer.Option(None, help="Text for the export-time quality check (default: shipped text)."),
-    calib_text: Optional[Path] = typer.Option(None, help="Calibration text for data-aware passes (default: shipped text, disjoint from the evaluation text)."),
+    calib_text: Optional[Path] = typer.Option(None, help="Calibration text for data-aware passes "
+                                              "(default: shipped text, disjoint from the evaluation text)."),
     calib_tokens: int = typer.Option(4096, help="Calibration tokens for data-aware passes."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Device profile: choose the recipe predicted to give the best quality that fits it."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Device profile: choose the recipe predicted "
+                                         "to give the best quality that fits it."),
     max_latency_ms: Optional[float] = typer.Option(None, help="With --target: longest acceptable time to first token (128-token prompt)."),
     min_tok_s: Optional[float] = typer.Option(None, help="With --target: slowest acceptable decode speed."),
     max_kld: Optional[float] = typer.Option(None, help="With --target: highest acceptable mean KL divergence from the reference."),
@@ -45,7 +48,8 @@ def convert(
     rank: Optional[float] = typer.Option(None, "--rank", help="Low-rank factorization keeping this fraction of the linear layers' parameters."),
     rank_method: Optional[str] = typer.Option(None, "--rank-method", help="whitened (activation-aware, default) or plain SVD."),
     recover: Optional[int] = typer.Option(None, "--recover", help="Distillation steps after pruning / ternary (a few minutes per 100 on 2 cores)."),
-    uniform: Optional[bool] = typer.Option(None, "--uniform/--per-layer", help="Prune every layer to the same width (default), or rank channels globally (ONNX / Core ML only)."),
+    uniform: Optional[bool] = typer.Option(None, "--uniform/--per-layer", help="Prune every layer to the same width "
+                                           "(default), or rank channels globally (ONNX / Core ML only)."),
 ) -> None:
     """Convert a model into a compressed artifact, validated against the float reference."""
     from edgekit import recipes
@@ -102,12 +106,15 @@ def run(
 def profile(
     artifact: Path = typer.Argument(..., help="Artifact directory (from `edgekit convert`) or a .gguf file."),
     eval_text: Optional[Path] = typer.Option(None, help="Your own evaluation text (default: shipped text)."),
-    reference: Optional[str] = typer.Option(None, help="Reference for quality: a source model (float reference; default: the manifest's source) or another artifact (.gguf file or artifact directory, e.g. the f16 GGUF) run by its own runtime."),
+    reference: Optional[str] = typer.Option(None, help="Reference for quality: a source model (float reference; "
+                                            "default: the manifest's source) or another artifact (.gguf file or "
+                                            "artifact directory, e.g. the f16 GGUF) run by its own runtime."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     reps: int = typer.Option(5, help="Measured repetitions of each speed figure."),
     decode_tokens: int = typer.Option(64, help="Tokens generated per decode run."),
     no_quality: bool = typer.Option(False, "--no-quality", help="Skip the quality comparison."),
-    target: List[str] = typer.Option([], "--target", "-t", help="Device profile to predict for (repeatable; `edgekit targets` lists them; 'host' = this machine)."),
+    target: List[str] = typer.Option([], "--target", "-t", help="Device profile to predict for (repeatable; "
+                                     "`edgekit targets` lists them; 'host' = this machine)."),
     context: Optional[int] = typer.Option(None, help="Context length (tokens in the KV cache) for predicted decode speed."),
     prompt_tokens: Optional[int] = typer.Option(None, help="Prompt length for the measured and predicted time to first token."),
     cloud_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint to measure as a cloud baseline."),

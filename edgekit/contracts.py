@@ -61,7 +61,7 @@ class Exporter(ABC):
         """Write the artifact's files into ``out_dir``; return what the manifest's ``artifact`` records."""
 
 
-class Runtime(ABC):
+class Runtime(ABC):  # noqa: B024 (every method has a default; the class is the contract's name)
     """Opens artifacts of one format behind the session API (:class:`edgekit.runtimes.Session`).
 
     A runtime module must not import torch or any exporter: apps embed runtimes.

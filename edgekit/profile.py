@@ -199,12 +199,13 @@ def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig,
 
 
 def profile(artifact: str | Path, eval_text: str | None = None, reference: str | None = None,
-            speed_cfg: SpeedConfig = SpeedConfig(), quality: bool = True, eval_tokens: int = 4096,
+            speed_cfg: SpeedConfig | None = None, quality: bool = True, eval_tokens: int = 4096,
             progress: Callable[[str, int, int], None] = lambda d, a, b: None, targets: list[str] = (),
             context: int | None = None, prompt_tokens: int | None = None, cloud_url: str | None = None,
             profile_dirs: list[str] | None = None) -> dict[str, Any]:
     from edgekit.session import runtime_of
 
+    speed_cfg = speed_cfg or SpeedConfig()
     file, runtime, manifest = resolve_artifact(artifact)
     rt = runtime_of(file, runtime)
     kind = rt.kind(file)

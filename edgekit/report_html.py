@@ -390,7 +390,7 @@ def _plot_size_quality_latency(arts: list[dict]) -> str:
                 cb.ax.yaxis.set_major_locator(FixedLocator(ticks))
                 cb.ax.yaxis.set_minor_locator(NullLocator())
                 cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        for k, (pname, fn) in enumerate(panels):
+        for k, (_name, fn) in enumerate(panels):
             ax = axes[k // ncols][k % ncols]
             pts_k = []
             for a, size, kld in pts:

@@ -80,7 +80,8 @@ def resolve(model: str | None) -> Source:
         return Source("gguf", path, sha256_file(path), [path])
     config = path / "config.json"
     if not config.exists():
-        raise InputError(f"{path} has no config.json", "pass a Hugging Face model directory (config.json + *.safetensors + tokenizer.json or tokenizer.model)")
+        raise InputError(f"{path} has no config.json", "pass a Hugging Face model directory "
+                         "(config.json + *.safetensors + tokenizer.json or tokenizer.model)")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise InputError(f"{path} has no .safetensors weights", "save the model with safe_serialization=True")

@@ -9,7 +9,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from gguf.quants import dequantize
 
 from edgekit.converters.gguf import GGUFExporter
 from edgekit.converters.gguf_layout import open_reader, permute_qk, read_gguf_model, unpermute_qk

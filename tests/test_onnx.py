@@ -16,8 +16,7 @@ from onnx import numpy_helper
 
 import edgekit
 from edgekit.converters.gguf import GGUFExporter
-from edgekit.converters.gguf_layout import open_reader, read_gguf_model
-from edgekit.converters import onnx as onnx_exporter
+from edgekit.converters.gguf_layout import read_gguf_model
 from edgekit.converters.onnx import ONNXExporter, pack_nbits, read_matrices, unpack_nbits
 from edgekit.formats import onnx as onnx_format
 from edgekit.errors import InputError, ValidationError

@@ -28,7 +28,7 @@ HEAD = "head.weight"
 FINAL_NORM = "final_norm.weight"
 LOWRANK_A, LOWRANK_B = ".lowrank_a.weight", ".lowrank_b.weight"
 
-Q, K, V, O = "attn.q", "attn.k", "attn.v", "attn.o"
+Q, K, V, O = "attn.q", "attn.k", "attn.v", "attn.o"  # noqa: E741 (the attention output projection)
 GATE, UP, DOWN = "mlp.gate", "mlp.up", "mlp.down"
 ATTN_NORM, MLP_NORM = "attn_norm.weight", "mlp_norm.weight"
 Q_NORM, K_NORM = "attn.q_norm.weight", "attn.k_norm.weight"
