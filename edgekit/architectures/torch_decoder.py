@@ -135,9 +135,6 @@ class DecoderNet(torch.nn.Module):
     def param(self, name: str) -> torch.nn.Parameter:
         return getattr(self, f"w{self.index[name]}")
 
-    def has(self, name: str) -> bool:
-        return name in self.index
-
     def cache_shape(self, ctx: int) -> tuple[int, ...]:
         return (self.spec.num_layers, 1, max(b.kv_heads for b in self.blocks), ctx, self.spec.head_dim)
 

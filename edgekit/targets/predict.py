@@ -80,7 +80,12 @@ class Calibration:
 def _solve_nonneg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """min ||a x - b|| subject to x >= 0. scipy's bounded least squares (BVLS) rather than its
     ``nnls``: the latter aborts the process on under-determined systems (one artifact, two types)."""
-    from scipy.optimize import lsq_linear
+    try:
+        from scipy.optimize import lsq_linear
+    except ImportError:
+        from edgekit.errors import MissingDependencyError
+
+        raise MissingDependencyError("fitting the predictor needs scipy", "pip install 'edgekit-ml[report]'") from None
 
     return lsq_linear(a, b, bounds=(0, np.inf), method="bvls").x
 
