@@ -99,6 +99,8 @@ def test_convert_for_a_target_shows_the_plan(tmp_path, tiny_dir):
     plan = m["plan"]
     assert plan["target"] == "raspberry-pi-5" and plan["winner"]["quant"] == m["recipe"]["quant"]
     assert {c["quant"] for c in plan["candidates"]} == {"f16", "q8_0", "int4", "q4_0"}
+    # the Pi runs both llama.cpp and ONNX Runtime: both formats are weighed
+    assert {c["format"] for c in plan["candidates"]} == {"gguf", "onnx"}
     assert all(c["fits"] for c in plan["candidates"])  # a tiny model fits anywhere
     # the best-quality recipe that fits wins
     assert plan["winner"]["quant"] == min(plan["candidates"], key=lambda c: c["kld_mean"])["quant"]
@@ -248,6 +250,20 @@ def test_onnx_q4_0_decoder_facts_match_the_file(tmp_path):
     assert facts.attn_flops_per_token_per_ctx == 2 * s.num_layers * s.num_heads * 2 * s.head_dim
     assert facts.parameters == sum(t.size for t in m.tensors.values())
     assert facts.size_bytes == path.stat().st_size
+
+
+def test_estimated_onnx_facts_match_the_written_artifact(tmp_path):
+    """What the planner predicts an ONNX q4_0 export to stream per token is what the export holds."""
+    from edgekit.targets.facts import estimate_facts
+
+    m, _ = _onnx_decoder(tmp_path / "q4", Q4_0Pass)
+    real = artifact_facts(tmp_path / "q4")
+    est = estimate_facts(m.spec, "q4_0", "onnx")
+    assert est.runtime == "onnxruntime" and est.format == "onnx"
+    assert est.params_by_type == real.params_by_type
+    for typ in ("NBITS4", "NBITS8"):
+        assert est.bytes_by_type[typ] == real.bytes_by_type[typ], typ
+    assert est.kv_bytes_per_token == real.kv_bytes_per_token
 
 
 def test_onnx_f16_and_f32_decoder_facts(tmp_path):

@@ -160,17 +160,28 @@ def artifact_facts(artifact: str | Path) -> ArtifactFacts:
     return runtime_of(file, named).facts(file)
 
 
-# GGML block layouts: (weights per block, bytes per block)
-_BLOCK_BYTES = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18)}
-# What each GGUF recipe stores its matrices as: (most matrices, the output head)
+# Block layouts: (weights per block, bytes per block). GGML blocks carry an fp16 scale; ONNX
+# MatMulNBits blocks of 32 carry a float32 scale (holding the fp16 value) beside the packed integers.
+_BLOCK_BYTES = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "NBITS8": (32, 36), "NBITS4": (32, 20)}
+# What each recipe stores its matrices as: (most matrices, the output head)
 RECIPE_TYPES = {"f16": ("F16", "F16"), "q8_0": ("Q8_0", "Q8_0"), "q4_0": ("Q4_0", "Q8_0"), "int4": ("Q4_0", "Q8_0")}
+# the same numbers in each format's containers, and each runtime's KV cache (bytes per value)
+FORMAT_TYPES = {"gguf": {}, "onnx": {"Q8_0": "NBITS8", "Q4_0": "NBITS4"}}
+FORMAT_RUNTIME = {"gguf": ("llamacpp", KV_BYTES_PER_VALUE), "onnx": ("onnxruntime", 4)}
 
 
 def estimate_gguf_facts(spec, quant: str, metadata_bytes: int = 0) -> ArtifactFacts:
     """Facts of a GGUF that ``quant`` would produce from a model of ``spec``, before converting it."""
+    return estimate_facts(spec, quant, "gguf", metadata_bytes)
+
+
+def estimate_facts(spec, quant: str, fmt: str, metadata_bytes: int = 0) -> ArtifactFacts:
+    """Facts of the artifact ``quant`` would produce as ``fmt`` ("gguf" or "onnx") from a model of ``spec``."""
     from edgekit.architectures.layout import EMBED, tensor_shape
 
-    main, head = RECIPE_TYPES[quant]
+    rename = FORMAT_TYPES[fmt]
+    runtime, kv_value_bytes = FORMAT_RUNTIME[fmt]
+    main, head = (rename.get(t, t) for t in RECIPE_TYPES[quant])
     bytes_by_type: dict[str, int] = {}
     params_by_type: dict[str, int] = {}
     total = 0
@@ -186,10 +197,10 @@ def estimate_gguf_facts(spec, quant: str, metadata_bytes: int = 0) -> ArtifactFa
             continue  # an untied input embedding is gathered (one row per token), not streamed
         bytes_by_type[typ] = bytes_by_type.get(typ, 0) + n // per * nb
     return ArtifactFacts(
-        format="gguf", runtime="llamacpp", size_bytes=total + metadata_bytes,
+        format=fmt, runtime=runtime, size_bytes=total + metadata_bytes,
         parameters=sum(int(np.prod(tensor_shape(spec, n))) for n in spec.tensor_names()),
         bytes_by_type=bytes_by_type, params_by_type=params_by_type,
-        kv_bytes_per_token=2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * KV_BYTES_PER_VALUE,
+        kv_bytes_per_token=2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_value_bytes,
         attn_flops_per_token_per_ctx=4 * spec.num_layers * spec.num_heads * spec.head_dim,
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
         extra={"num_layers": spec.num_layers, "tied_embeddings": spec.tie_word_embeddings, "estimated": True},

@@ -15,12 +15,15 @@ from typing import Any
 from edgekit.cache import cache_dir
 from edgekit.errors import EdgekitError
 from edgekit.targets import predict as pr
-from edgekit.targets.facts import RECIPE_TYPES, estimate_gguf_facts
+from edgekit.targets.facts import FORMAT_RUNTIME, RECIPE_TYPES, estimate_facts
 
 # Mean KL divergence measured on SmolLM2-135M with the shipped text (make bench); used only for
 # recipes never measured for the source at hand, and labelled as priors in the plan.
+# GGUF and ONNX hold the same numbers (measured: int4 0.1069 vs 0.1066), so one prior serves both.
 QUALITY_PRIORS = {"f16": 1e-4, "q8_0": 4e-3, "int4": 0.11, "q4_0": 0.24}
 RECIPES = ("f16", "q8_0", "int4", "q4_0")
+# candidates whose quality is this close to the best count as equal: the fastest predicted decode wins
+QUALITY_TIE = 0.05
 
 
 def ledger_path():
@@ -85,22 +88,23 @@ def plan(reference, source_sha: str, profile, max_latency_ms: float | None = Non
          prompt_tokens: int = 128) -> dict[str, Any]:
     from edgekit.registry import EXPORTERS
 
-    cal = pr.load("llamacpp", "gguf")
-    note = f"calibrated {cal.fitted}" if cal else "uncalibrated (run `edgekit calibrate`); default efficiencies"
-    if cal is None:
-        from edgekit.targets.host import host_figures
-
-        cal = pr.Calibration("llamacpp", "gguf", {}, 1 / pr.UNCALIBRATED_EFFICIENCY, {}, 1 / pr.UNCALIBRATED_EFFICIENCY,
-                             150e6, 0.2, host_figures())
     machine = pr.profile_machine(profile)
     measured = known_quality(source_sha)
     meta = _metadata_bytes(reference.tokenizer)
-    cands = []
+    cands, notes = [], {}
     for fmt in profile.formats:
-        if fmt not in EXPORTERS.names() or fmt != "gguf":
-            continue
+        if fmt not in EXPORTERS.names() or fmt not in FORMAT_RUNTIME:
+            continue  # Core ML runs nowhere here: nothing to calibrate its predictions with
+        runtime = FORMAT_RUNTIME[fmt][0]
+        cal = pr.load(runtime, fmt)
+        notes[fmt] = cal.describe() if cal else f"{runtime}/{fmt} uncalibrated (run `edgekit calibrate`); default efficiencies"
+        if cal is None:
+            from edgekit.targets.host import host_figures
+
+            cal = pr.Calibration(runtime, fmt, {}, 1 / pr.UNCALIBRATED_EFFICIENCY, {}, 1 / pr.UNCALIBRATED_EFFICIENCY,
+                                 150e6, 0.2, host_figures())
         for quant in RECIPES:
-            facts = estimate_gguf_facts(reference.spec, quant, meta)
+            facts = estimate_facts(reference.spec, quant, fmt, meta)
             p = pr.predict(facts, cal, machine, context, prompt_tokens) | {"size_bytes": facts.size_bytes}
             if (quant, fmt) in measured:
                 m = measured[(quant, fmt)]
@@ -127,12 +131,15 @@ def plan(reference, source_sha: str, profile, max_latency_ms: float | None = Non
         closest = min(cands, key=lambda c: len(c.rejected))
         raise EdgekitError(f"nothing fits {profile.name}: the closest candidate ({closest.quant}) fails "
                            + "; ".join(closest.rejected), "relax the limits, or choose a smaller model or another --target")
-    # best predicted quality; among equals the smaller artifact
-    winner = min(ok, key=lambda c: (c.kld_mean, c.predicted["size_bytes"]))
+    # best predicted quality; among (nearly) equals the fastest predicted decode, then the smaller artifact
+    best = min(c.kld_mean for c in ok)
+    equal = [c for c in ok if c.kld_mean <= best * (1 + QUALITY_TIE) + 1e-12]
+    winner = min(equal, key=lambda c: (-c.predicted["decode_tok_s"], c.predicted["size_bytes"]))
     why = (f"lowest {'measured' if winner.quality_from == 'measured' else 'expected'} KL divergence "
-           f"({winner.kld_mean:.3g}) of the {len(ok)} candidates that fit")
+           f"({winner.kld_mean:.3g}) of the {len(ok)} candidates that fit"
+           + (f", and the fastest predicted decode of the {len(equal)} within {QUALITY_TIE:.0%} of it" if len(equal) > 1 else ""))
     return {"target": profile.name, "winner": {"quant": winner.quant, "format": winner.format}, "why": why,
-            "calibration": note, "context": context, "prompt_tokens": prompt_tokens,
+            "calibration": "; ".join(f"{f}: {n}" for f, n in notes.items()), "context": context, "prompt_tokens": prompt_tokens,
             "limits": {"max_latency_ms": max_latency_ms, "min_tok_s": min_tok_s, "max_kld": max_kld, "min_top1": min_top1},
             "candidates": [c.row() for c in cands]}
 
