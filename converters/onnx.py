@@ -100,10 +100,6 @@ class ONNXExporter(Exporter):
         refusal = architectures.of(model.spec).format_refusal(self.name, model.spec)
         if refusal:
             return refusal
-        for n in model.tensors:
-            enc = model.encoding(n)
-            if isinstance(enc, BlockQuant) and enc.bits not in NBITS:
-                return f"{n}: {enc.bits}-bit weights have no MatMulNBits kernel ({', '.join(map(str, NBITS))} bits do)"
         try:
             layer_shapes(model)
         except (KeyError, ValueError) as exc:

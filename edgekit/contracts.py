@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,7 +30,6 @@ class Capabilities:
     bits: frozenset[int] = frozenset({4, 8})  # integer widths of block-quantized weights
     lowrank: bool = False  # two factors in place of one matrix
     per_layer_widths: bool = False  # layers of different widths after structured pruning
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     def refusal(self, kind: str, structural: set[str], fmt: str) -> str | None:
         """Why a recipe with these structural passes cannot land in this format, or None."""
@@ -51,9 +50,16 @@ class Exporter(ABC):
 
     def supports(self, model: Any) -> str | None:
         """None when this exporter can pack ``model`` as the passes left it, otherwise the reason."""
+        from edgekit.model import BlockQuant
+
         kind = getattr(model, "kind", "decoder")
         if kind not in self.capabilities.kinds:
             return f"the {self.name} exporter does not hold {kind}s"
+        bits = self.capabilities.bits
+        for name in model.tensors:
+            enc = model.encoding(name)
+            if isinstance(enc, BlockQuant) and enc.bits not in bits:
+                return f"{name}: {enc.bits}-bit weights (the {self.name} format holds {', '.join(map(str, sorted(bits)))}-bit ones)"
         return None
 
     @abstractmethod
