@@ -57,8 +57,6 @@ class Manifest:
     plan: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
 
-    REQUIRED = ("artifact", "source", "model", "recipe", "size_bytes", "bits_per_weight", "validation")
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for optional in ("plan", "warnings"):
@@ -91,12 +89,18 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     if data.get("schema") not in READS:
         raise InputError(f"{path} has manifest schema {data.get('schema')!r}; this edgekit reads {', '.join(map(str, READS))}",
                          hint)
-    missing = [k for k in Manifest.REQUIRED if k not in data]
+    # what opening the artifact needs must be there; what else is there must have its type
     art = data.get("artifact")
-    if not missing and not (isinstance(art, dict) and isinstance(art.get("file"), str) and art.get("format")):
-        missing = ["artifact.file / artifact.format"]
-    if missing:
-        raise InputError(f"{path} lacks {', '.join(missing)}", hint)
+    if not (isinstance(art, dict) and isinstance(art.get("file"), str) and art.get("format")):
+        raise InputError(f"{path} lacks artifact.file / artifact.format", hint)
+    src = data.get("source")
+    if src is not None and not (isinstance(src, dict) and {"kind", "path", "sha256"} <= set(src)):
+        raise InputError(f"{path}: source must record kind, path and sha256", hint)
+    wrong = [k for k, t in (("model", dict), ("recipe", dict), ("quality", dict), ("validation", dict),
+                            ("size_bytes", int), ("bits_per_weight", (int, float))) if data.get(k) is not None
+             and not isinstance(data[k], t)]
+    if wrong:
+        raise InputError(f"{path}: {', '.join(wrong)} {'has' if len(wrong) == 1 else 'have'} the wrong type", hint)
     if Path(art["file"]).name != art["file"]:  # a manifest must not point outside its own directory
         raise InputError(f"{path}: artifact.file {art['file']!r} is not a file name", hint)
     return data

@@ -139,3 +139,31 @@ def test_interrupt_during_export_leaves_nothing_and_keeps_old_artifact(tmp_path,
         conv.convert(conv.ConvertRequest(str(tiny_gguf), "gguf", "q8_0", out, force=True, eval_tokens=512))
     assert (out / "model.gguf").read_bytes() == b"previous good artifact"
     assert not leftovers(out)
+
+
+def test_manifest_is_read_back_with_validation(tmp_path):
+    """A hand-edited or foreign manifest.json is one clear line, never a KeyError deep inside a runtime."""
+    import json
+
+    import edgekit
+    from edgekit.errors import InputError
+    from edgekit.manifest import read_manifest
+
+    good = {"schema": 2, "artifact": {"file": "model.gguf", "format": "gguf", "runtime": "llamacpp"},
+            "size_bytes": 10, "source": {"kind": "gguf", "path": "/x.gguf", "sha256": "0" * 64}}
+    cases = {"schema": ({"schema": 99}, "schema 99"),
+             "no file": ({"artifact": {"format": "gguf"}}, "artifact.file"),
+             "escapes": ({"artifact": {"file": "../model.gguf", "format": "gguf"}}, "not a file name"),
+             "type": ({"size_bytes": "big"}, "size_bytes"),
+             "source": ({"source": {"kind": "gguf"}}, "source must record")}
+    d = tmp_path / "art"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps(good))
+    assert read_manifest(d)["artifact"]["file"] == "model.gguf"
+    for name, (patch, words) in cases.items():
+        (d / "manifest.json").write_text(json.dumps({**good, **patch}))
+        with pytest.raises(InputError, match=words):
+            edgekit.load(d)
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_manifest(d)

@@ -54,7 +54,7 @@ def mixed_kind(name: str) -> str:
 
 def export(model, d: Path, context: int | None = None) -> dict:
     d.mkdir(parents=True, exist_ok=True)
-    return CoreMLExporter().export(model, d, context=context)
+    return CoreMLExporter(context).export(model, d)
 
 
 def vectors(model) -> list[str]:

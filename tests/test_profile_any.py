@@ -147,7 +147,8 @@ def test_an_artifact_against_itself_has_no_divergence(gpt2, tmp_path):
     d = tmp_path / "ref"
     d.mkdir()
     (d / "model.gguf").write_bytes(gpt2["Q8_0"].read_bytes())
-    (d / "manifest.json").write_text(json.dumps({"artifact": {"file": "model.gguf", "format": "gguf", "runtime": "llamacpp"}}))
+    (d / "manifest.json").write_text(json.dumps({"schema": 2, "artifact": {"file": "model.gguf", "format": "gguf",
+                                                                          "runtime": "llamacpp"}}))
     r = profile_json(str(gpt2["Q8_0"]), "--reference", str(d), "--eval-text", str(gpt2["text"]))
     q = r["quality"]
     assert q["kld_mean"] < 1e-4 and q["top1_agreement"] > 0.999
@@ -164,7 +165,7 @@ def test_manifest_source_without_a_float_reference_is_run_as_an_artifact(gpt2, t
     d.mkdir()
     (d / "model.gguf").write_bytes(gpt2["Q8_0"].read_bytes())
     (d / "manifest.json").write_text(json.dumps({
-        "artifact": {"file": "model.gguf", "format": "gguf", "runtime": "llamacpp"},
+        "schema": 2, "artifact": {"file": "model.gguf", "format": "gguf", "runtime": "llamacpp"},
         "source": {"kind": "gguf", "path": str(gpt2["F32"]), "sha256": sha256_file(gpt2["F32"])}}))
     proc = run_cli("profile", str(d), "--eval-text", str(gpt2["text"]), *QUICK, env=TABLE_ENV)
     assert proc.returncode == 0, proc.stderr
