@@ -16,7 +16,7 @@ LLAMA := llama-cpp-python==0.3.36
 WHEELHOUSE := $(VENV)/wheelhouse
 LLAMA_WHEEL := $(WHEELHOUSE)/.built-$(subst ==,-,$(LLAMA))
 
-.PHONY: setup demo test test-fast lint wheel-check bench clean
+.PHONY: setup demo test test-slow test-fast lint wheel-check bench clean
 
 setup: $(STAMP)
 
@@ -42,11 +42,15 @@ demo: setup
 	$(VENV)/bin/edgekit convert --quant int4 --out $(OUT) --force
 	$(VENV)/bin/edgekit profile $(OUT)
 
+# `make test` stays under 30 minutes; `make test-slow` runs the cases marked slow (CI runs both)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # ruff, configured in pyproject.toml ([tool.ruff]); CI runs it
 lint: setup

@@ -255,7 +255,8 @@ def test_runtime_session_reads_the_config_on_any_os(mixed, tmp_path):
 
 QUANTS = ("f16", "q8_0", "int4")  # the recipes' own passes (int4: GPTQ into int4 blocks, the output head Q8_0)
 # int8 storage is in every int4 package too (the output head): q8_0 beyond llama is marked slow (-m "not slow")
-ARCH_MATRIX = [pytest.param(n, {}, q, id=f"{n}-{q}", marks=() if q != "q8_0" or n == "llama" else pytest.mark.slow)
+# every architecture at int4 in `make test`; the other recipes of the non-llama ones in `make test-slow`
+ARCH_MATRIX = [pytest.param(n, {}, q, id=f"{n}-{q}", marks=() if q == "int4" or n == "llama" else pytest.mark.slow)
                for n in NAMES for q in QUANTS]
 ARCH_MATRIX.append(pytest.param("mistral", {"sliding_window": 8}, "int4", id="mistral-window-int4"))
 
@@ -503,6 +504,7 @@ def test_cli_convert_validates_on_macos(converted):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ~3 min: GPTQ of SmolLM2 and a full Core ML conversion
 def test_default_model_int4_coreml(tmp_path):
     """SmolLM2 at int4 (~2-4 min, 2.5 GB peak): every tensor stored as the recipe says, bit for bit."""
     from edgekit.convert import ConvertRequest, convert

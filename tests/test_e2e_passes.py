@@ -11,6 +11,7 @@ from conftest import run_cli
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow  # pruning with distillation recovery on SmolLM2
 def test_prune_with_recovery_to_gguf(tmp_path):
     out = tmp_path / "p"
     r = run_cli("convert", "--prune", "0.25", "--recover", "6", "--quant", "q8_0", "--out", str(out), "--json",

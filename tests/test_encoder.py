@@ -230,6 +230,7 @@ def test_minilm_reference_is_sentence_transformers():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # two MiniLM conversions (GPTQ of 36 matrices) and their validation
 @pytest.mark.parametrize("quant,bar", [("int8", 0.99), ("int4", 0.97)])
 def test_minilm_cosine_bars(tmp_path, quant, bar):
     man = convert(ConvertRequest("minilm", "onnx", quant, tmp_path / quant))
