@@ -160,7 +160,7 @@ def test_manifest_is_read_back_with_validation(tmp_path):
     d.mkdir()
     (d / "manifest.json").write_text(json.dumps(good))
     assert read_manifest(d)["artifact"]["file"] == "model.gguf"
-    for name, (patch, words) in cases.items():
+    for patch, words in cases.values():
         (d / "manifest.json").write_text(json.dumps({**good, **patch}))
         with pytest.raises(InputError, match=words):
             edgekit.load(d)

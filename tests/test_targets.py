@@ -415,3 +415,24 @@ def test_profile_of_a_runtime_that_cannot_run_here(tmp_path, monkeypatch, tiny_e
     (dec.parent / "onnx_config.json").write_text("{}")
     bad = profile(dec.parent, targets=["raspberry-pi-5"])
     assert bad["targets"] == {} and bad["predictions_note"].startswith("skipped: ") and "\n" not in bad["predictions_note"]
+
+
+def test_single_artifact_fit_is_exact_in_sample_and_does_not_guess_a_kv_factor(tmp_path, monkeypatch):
+    """Fitted from one measurement at one context, the predictor reproduces that measurement and streams
+    the KV cache at the weights' efficiency (the split is not identifiable from one point)."""
+    from tests.conftest import tiny_spec
+
+    from edgekit.targets.calibrate import calibration_for
+
+    monkeypatch.setattr(pr, "calibration_path", lambda: tmp_path / "calibration.json")  # nothing stored
+    facts = estimate_gguf_facts(tiny_spec(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                                          num_kv_heads=4, head_dim=64), "q4_0")
+    speed = {"settings": {"prompt_tokens": 128, "decode_tokens": 64, "prefill_tokens": 512}, "decode_tok_s": 80.0,
+             "prefill_tok_s": 400.0, "ttft_ms": 350.0, "peak_rss_bytes": 3e8, "n_ctx": 2048, "load_s": 0.3}
+    cal, how = calibration_for(facts, speed, HOST)
+    assert "this artifact alone" in how
+    assert cal.x_kv == pytest.approx(cal.x["Q4_0"]) and cal.x["Q4_0"] == pytest.approx(cal.x["Q8_0"])
+    p = pr.predict(facts, cal, pr.host_machine(HOST), 128 + 32, 128)
+    assert p["decode_tok_s"] == pytest.approx(80.0, rel=1e-6)
+    longer = pr.predict(facts, cal, pr.host_machine(HOST), 1024, 128)
+    assert longer["decode_tok_s"] < p["decode_tok_s"]

@@ -92,5 +92,14 @@ def calibration_for(facts, speed: dict[str, Any] | None = None, host: dict[str, 
         raise EdgekitError(f"no calibration for {facts.runtime}/{facts.format}", "run `edgekit calibrate` first")
     host = host or host_figures()
     cal = pr.fit([pr.point_from_speed(facts, speed)], host)
+    if "long_context" not in speed:
+        # one context measured: how the time splits between weights and KV cache is not identifiable
+        # from it (any split fits one point), so both stream at one efficiency, solved from that point
+        (ctx, tok_s), = pr.point_from_speed(facts, speed)["decode"]
+        streamed = sum(b for t, b in facts.bytes_by_type.items() if t != "F32") + facts.kv_bytes_per_token * ctx
+        if streamed > 0:
+            x = (host["read_bandwidth_bytes_s"] / tok_s - facts.bytes_by_type.get("F32", 0)) / streamed
+            cal.x = {t: x for t in cal.x}
+            cal.x_kv = cal.x_shared = x
     return cal, (f"{facts.runtime}/{facts.format} fitted from this artifact alone "
                  "(run `edgekit calibrate` for per-type factors)")
