@@ -7,6 +7,21 @@ import os
 from pathlib import Path
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (an .mlpackage is a directory)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def model_bytes(file: Path) -> int:
+    """Bytes of a model: a package directory, or the file and its external data beside it
+    (``model.onnx.data``, onnxruntime-genai's ``model.onnx_data``)."""
+    file = Path(file)
+    if file.is_dir():
+        return tree_bytes(file)
+    return sum(p.stat().st_size for p in file.parent.iterdir() if p.is_file() and p.name.startswith(file.name))
+
+
 def cache_dir(*parts: str) -> Path:
     """``$EDGEKIT_CACHE`` or ``$XDG_CACHE_HOME/edgekit`` or ``~/.cache/edgekit``, joined with parts."""
     root = os.environ.get("EDGEKIT_CACHE")

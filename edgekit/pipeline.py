@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekit.atomic import atomic_output_dir, check_output_dir
+from edgekit.cache import model_bytes, tree_bytes
 from edgekit.errors import EdgekitError
 from edgekit.kinds import KINDS, Texts
 from edgekit.manifest import Manifest
@@ -265,12 +266,6 @@ def recipe_warnings(recipe, records: list[dict[str, Any]], quality: dict[str, An
     return out
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of a file, or of every file under a directory (an .mlpackage is a directory)."""
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def weight_bits(stage: Path, exporter, model) -> float:
     """Bits per parameter of what holds the weights (the model file and its external data)."""
-    files = [p for p in stage.iterdir() if p.name.startswith(exporter.filename)]
-    return 8 * sum(tree_bytes(p) for p in files) / max(1, model.num_parameters())
+    return 8 * model_bytes(stage / exporter.filename) / max(1, model.num_parameters())

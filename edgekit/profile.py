@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from edgekit.cache import model_bytes
 from edgekit.errors import EdgekitError, InputError
 from edgekit.harness.quality import EvalConfig, read_text
 from edgekit.harness.speed import SpeedConfig, measure
@@ -265,14 +266,6 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
     return result
 
 
-def model_bytes(file: Path) -> int:
-    """Bytes of the model: the file and its external data beside it (``model.onnx.data``, genai's
-    ``model.onnx_data``), or a package directory."""
-    if file.is_dir():
-        return sum(p.stat().st_size for p in file.rglob("*") if p.is_file())
-    return sum(p.stat().st_size for p in file.parent.iterdir() if p.is_file() and p.name.startswith(file.name))
-
-
 def _profile_cache(file: Path) -> Path:
     from edgekit.cache import cache_dir, sha256_file
 
@@ -365,9 +358,7 @@ def unmeasured_profile(file: Path, rt, kind: str, manifest: dict | None, why: st
         facts = rt.facts(file)
     except EdgekitError as exc:
         if result["size_bytes"] is None:
-            from edgekit.targets.coreml_facts import tree_bytes
-
-            result["size_bytes"] = tree_bytes(file)
+            result["size_bytes"] = model_bytes(file)
         result["predictions_note"] = f"skipped: {exc.one_line()}"
         return result
     result.update(size_bytes=facts.size_bytes, parameters=facts.parameters,

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.cache import tree_bytes
 from edgekit.errors import InputError
 
 COREML_KV_BYTES_PER_VALUE = 2  # the stateful program keeps fp16 key and value buffers
-
-
-def tree_bytes(path: Path) -> int:
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def coreml_facts(package: str | Path):
