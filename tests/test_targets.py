@@ -436,3 +436,24 @@ def test_single_artifact_fit_is_exact_in_sample_and_does_not_guess_a_kv_factor(t
     assert p["decode_tok_s"] == pytest.approx(80.0, rel=1e-6)
     longer = pr.predict(facts, cal, pr.host_machine(HOST), 1024, 128)
     assert longer["decode_tok_s"] < p["decode_tok_s"]
+
+
+def test_single_artifact_fit_of_a_cache_resident_f32_model_stays_positive(tmp_path, monkeypatch):
+    """A tiny all-F32 model decodes faster than its bytes stream at the copy rate (it sits in cache):
+    the one-point fit must give every byte a positive factor, reproduce the measurement, and predict
+    positive speeds for devices (it once predicted -213 tok/s for a Raspberry Pi)."""
+    from tests.conftest import tiny_spec
+
+    from edgekit.targets.calibrate import calibration_for
+
+    monkeypatch.setattr(pr, "calibration_path", lambda: tmp_path / "calibration.json")
+    facts = estimate_gguf_facts(tiny_spec(), "f32")
+    fast = 3 * HOST["read_bandwidth_bytes_s"] / facts.bytes_per_token  # 3x the copy-rate ceiling
+    speed = {"settings": {"prompt_tokens": 128, "decode_tokens": 64, "prefill_tokens": 512}, "decode_tok_s": fast,
+             "prefill_tok_s": 4e4, "ttft_ms": 3.0, "peak_rss_bytes": 3e8, "n_ctx": 2048, "load_s": 0.01}
+    cal, _ = calibration_for(facts, speed, HOST)
+    assert cal.x_kv > 0 and all(v > 0 for v in cal.x.values())
+    here = pr.predict(facts, cal, pr.host_machine(HOST), 128 + 32, 128)
+    assert here["decode_tok_s"] == pytest.approx(fast, rel=1e-6)
+    pi = pr.predict(facts, cal, pr.profile_machine(get_profile("raspberry-pi-5")), 512, 128)
+    assert pi["decode_tok_s"] > 0 and pi["ttft_ms"] > 0

@@ -96,10 +96,12 @@ def calibration_for(facts, speed: dict[str, Any] | None = None, host: dict[str, 
         # one context measured: how the time splits between weights and KV cache is not identifiable
         # from it (any split fits one point), so both stream at one efficiency, solved from that point
         (ctx, tok_s), = pr.point_from_speed(facts, speed)["decode"]
-        streamed = sum(b for t, b in facts.bytes_by_type.items() if t != "F32") + facts.kv_bytes_per_token * ctx
+        # F32 included: in a tiny all-F32 model the F32 bytes are the whole stream and can be read
+        # faster than the copy rate (they sit in cache), so leaving them at 1.0 would make x negative
+        streamed = sum(facts.bytes_by_type.values()) + facts.kv_bytes_per_token * ctx
         if streamed > 0:
-            x = (host["read_bandwidth_bytes_s"] / tok_s - facts.bytes_by_type.get("F32", 0)) / streamed
-            cal.x = {t: x for t in cal.x}
+            x = host["read_bandwidth_bytes_s"] / tok_s / streamed
+            cal.x = {t: x for t in facts.bytes_by_type}
             cal.x_kv = cal.x_shared = x
     return cal, (f"{facts.runtime}/{facts.format} fitted from this artifact alone "
                  "(run `edgekit calibrate` for per-type factors)")

@@ -164,7 +164,7 @@ def artifact_facts(artifact: str | Path) -> ArtifactFacts:
 # MatMulNBits blocks of 32 carry a float32 scale (holding the fp16 value) beside the packed integers.
 _BLOCK_BYTES = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "NBITS8": (32, 36), "NBITS4": (32, 20)}
 # What each recipe stores its matrices as: (most matrices, the output head)
-RECIPE_TYPES = {"f16": ("F16", "F16"), "q8_0": ("Q8_0", "Q8_0"), "q4_0": ("Q4_0", "Q8_0"), "int4": ("Q4_0", "Q8_0")}
+RECIPE_TYPES = {"f32": ("F32", "F32"), "f16": ("F16", "F16"), "q8_0": ("Q8_0", "Q8_0"), "q4_0": ("Q4_0", "Q8_0"), "int4": ("Q4_0", "Q8_0")}
 # the same numbers in each format's containers, and each runtime's KV cache (bytes per value)
 FORMAT_TYPES = {"gguf": {}, "onnx": {"Q8_0": "NBITS8", "Q4_0": "NBITS4"}}
 FORMAT_RUNTIME = {"gguf": ("llamacpp", KV_BYTES_PER_VALUE), "onnx": ("onnxruntime", 4)}

@@ -276,7 +276,9 @@ def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, pr
 
     x_kv = cal.x_kv if calibrated else unc
     y_attn = cal.y_attn if calibrated else unc
-    stream = sum(b * (1.0 if t == "F32" else xt(t)) for t, b in facts.bytes_by_type.items())
+    # F32 norms stream at the read rate unless a fit gave them a factor of their own
+    stream = sum(b * (cal.x.get("F32", 1.0) if t == "F32" and calibrated else 1.0 if t == "F32" else xt(t))
+                 for t, b in facts.bytes_by_type.items())
     t_decode = (stream + facts.kv_bytes_per_token * context * x_kv) / m.bandwidth_bytes_s
     p = prompt_tokens
     flops = sum(2 * n * p * yt(t) for t, n in facts.params_by_type.items()) + facts.attn_flops_per_token_per_ctx * p * p / 2 * y_attn
