@@ -214,6 +214,33 @@ def report(
     _console().print(f"wrote {path}")
 
 
+@app.command()
+def serve(
+    artifacts: List[str] = typer.Argument(..., help="Artifact directories or model files (decoders and encoders)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, help="Port (0 picks a free one and prints it)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` "
+                                          "(default: $EDGEKIT_API_KEY; /health stays open)."),
+    parallel: int = typer.Option(1, help="Sessions per decoder over the same weights (each with its own KV cache)."),
+    queue: int = typer.Option(64, help="Requests waiting per model before the server answers 429."),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Context of each session (default: the runtime's, 2048)."),
+    threads: Optional[int] = typer.Option(None, help="Threads per session (default: the cores divided among --parallel)."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest completion one request may ask for."),
+    max_body: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory the models may use, e.g. 2GiB "
+                                             "(default: what the machine has available)."),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Skip the memory-fit guard."),
+    name: List[str] = typer.Option([], "--name", help="Model id for the artifact in the same position (repeatable)."),
+    insecure: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."),
+) -> None:
+    """Serve artifacts behind an OpenAI-compatible API (chat, completions, embeddings, metrics)."""
+    from edgekit.serve import ServeConfig, announce
+    from edgekit.serve import serve as run_server
+
+    run_server(ServeConfig(list(artifacts), host, port, api_key, parallel, queue, n_ctx, threads, max_tokens, max_body,
+                           max_memory, not no_memory_check, insecure, list(name)), ready=announce)
+
+
 @app.command("recipes")
 def list_recipes(json_out: bool = typer.Option(False, "--json", help="Print the recipes as JSON.")) -> None:
     """List the built-in recipes (use one with `edgekit convert --recipe NAME`)."""

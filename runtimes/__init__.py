@@ -22,7 +22,8 @@ class Session(Protocol):
 
     def tokenize(self, text: str, special: bool = False) -> list[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...
-    def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0) -> Iterator[int]: ...
+    def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
+                      ignore_eos: bool = False, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]: ...
     def generate(self, prompt: str, max_tokens: int = 128, stream: bool = False, **kw: Any) -> Any: ...
     def logits(self, token_ids: Sequence[int]) -> np.ndarray: ...
     def close(self) -> None: ...
@@ -33,6 +34,11 @@ class SessionLifetime:
 
     def close(self) -> None:  # overridden by each backend
         pass
+
+    def sibling(self):
+        """A second session over the same weights, for serving requests in parallel (None: this runtime
+        cannot share them, open the artifact again)."""
+        return None
 
     def __enter__(self):
         return self
@@ -58,10 +64,11 @@ class TextSession(SessionLifetime):
         """Continue ``prompt`` (or answer it through the chat template when ``chat``); text or a stream of text."""
         text = self.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
         ids = self.tokenize(text, special=chat)
-        pieces = self._pieces(self.stream_tokens(ids, max_tokens, temperature))
+        pieces = self.decode_stream(self.stream_tokens(ids, max_tokens, temperature))
         return pieces if stream else "".join(pieces)
 
-    def _pieces(self, tokens: Iterator[int]) -> Iterator[str]:
+    def decode_stream(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Text pieces of a stream of token ids (what streaming clients print)."""
         # a token can end in the middle of a UTF-8 character: decode incrementally
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for tok in tokens:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -103,16 +104,19 @@ class LlamaCppSession(TextSession):
         self._llm.eval(list(prompt_ids))
 
     def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
-                      ignore_eos: bool = False) -> Iterator[int]:
-        """Greedy (or sampled) token ids after a fresh prefill of ``prompt_ids``; stops at end-of-sequence
-        unless ``ignore_eos`` (benchmarks want a fixed number of decode steps)."""
+                      ignore_eos: bool = False, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """Greedy (or sampled: top-k 40, then ``top_p``; ``seed`` makes it repeatable) token ids after a fresh
+        prefill of ``prompt_ids``; stops at end-of-sequence unless ``ignore_eos`` (benchmarks want a fixed
+        number of decode steps)."""
         if len(prompt_ids) + max_tokens > self.n_ctx:
             raise InputError(f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
                              "shorten the prompt or open the session with a larger n_ctx")
         self._llm.reset()
+        # the sampler chain is built per generate() call from this seed: a fresh one unless asked
+        self._llm.set_seed(int(seed) & 0xFFFFFFFF if seed is not None else random.getrandbits(32))
         eos = self._llm.token_eos()
         for n, tok in enumerate(self._llm.generate(list(prompt_ids), temp=temperature, top_k=1 if temperature == 0 else 40,
-                                                   repeat_penalty=1.0, reset=False)):
+                                                   top_p=top_p, min_p=0.0, repeat_penalty=1.0, reset=False)):
             if tok == eos and not ignore_eos:
                 return
             yield tok
@@ -145,6 +149,11 @@ class LlamaCppSession(TextSession):
         return out
 
     # ------------------------------------------------------------------ lifetime
+
+    def sibling(self) -> "LlamaCppSession":
+        """A second session over the same file: llama.cpp memory-maps the weights, so the pages are shared
+        and each sibling adds only its KV cache and compute buffers."""
+        return LlamaCppSession(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self._llm.n_batch)
 
     def close(self) -> None:
         if getattr(self, "_llm", None) is not None:

@@ -76,7 +76,7 @@ class OnnxRuntimeSession(TokenizerJsonSession):
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
                  vocab_only: bool = False, graph_optimization_level: str = "all", enable_profiling: bool = False,
-                 profile_prefix: str | None = None, seed: int | None = None):
+                 profile_prefix: str | None = None, seed: int | None = None, _shared=None):
         self.path = str(path)
         p = Path(self.path)
         if not p.is_file():
@@ -92,7 +92,10 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         if vocab_only:
             return
         ort = _ort()
-        self._sess = open_ort_session(self.path, self.n_threads, graph_optimization_level, enable_profiling, profile_prefix)
+        # a sibling shares the InferenceSession (weights once; ORT's run() is thread-safe) and owns
+        # only its I/O binding and KV cache
+        self._sess = _shared or open_ort_session(self.path, self.n_threads, graph_optimization_level, enable_profiling,
+                                                 profile_prefix)
         names = {i.name for i in self._sess.get_inputs()}
         missing = [n for n in cfg["inputs"] if n not in names]
         if missing:
@@ -155,6 +158,12 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         return self._logits[0].copy()
 
     # ------------------------------------------------------------------ lifetime
+
+    def sibling(self) -> "OnnxRuntimeSession":
+        """A second session over the same weights: it shares this one's InferenceSession."""
+        self._need_session()
+        return OnnxRuntimeSession(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
+                                  _shared=self._sess)
 
     def end_profiling(self) -> str | None:
         """Stop ORT's profiler (opened with ``enable_profiling=True``); the JSON trace's path."""

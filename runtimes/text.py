@@ -177,18 +177,24 @@ class TokenizerJsonSession(TextSession):
         if prompt_ids:
             self._forward(prompt_ids, keep="last")
 
-    def _sample(self, logits: np.ndarray, temperature: float) -> int:
+    def _sample(self, logits: np.ndarray, temperature: float, top_p: float = 1.0, rng=None) -> int:
         if temperature <= 0:
             return int(np.argmax(logits))
         top = np.argpartition(logits, -40)[-40:]  # top-k 40, as the llama.cpp session samples
+        top = top[np.argsort(-logits[top])]
         z = logits[top].astype(np.float64) / temperature
         p = np.exp(z - z.max())
-        return int(top[self._rng.choice(len(top), p=p / p.sum())])
+        p /= p.sum()
+        if top_p < 1.0:  # nucleus: the smallest head of the ranking whose mass reaches top_p
+            keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+            top, p = top[:keep], p[:keep] / p[:keep].sum()
+        return int(top[(rng or self._rng).choice(len(top), p=p)])
 
     def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
-                      ignore_eos: bool = False) -> Iterator[int]:
-        """Greedy (or sampled) token ids after a fresh prefill of ``prompt_ids``; stops at end-of-sequence
-        unless ``ignore_eos`` (benchmarks want a fixed number of decode steps)."""
+                      ignore_eos: bool = False, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """Greedy (or sampled: top-k 40, then ``top_p``; ``seed`` makes it repeatable) token ids after a
+        fresh prefill of ``prompt_ids``; stops at end-of-sequence unless ``ignore_eos`` (benchmarks want a
+        fixed number of decode steps)."""
         self._need_session()
         ids = list(prompt_ids)
         if not ids:
@@ -197,9 +203,10 @@ class TokenizerJsonSession(TextSession):
             raise InputError(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
                              self.context_hint)
         self.reset()
+        rng = np.random.default_rng(seed) if seed is not None else self._rng
         last = self._forward(ids, keep="last")
         for n in range(max_tokens):
-            tok = self._sample(last, temperature)
+            tok = self._sample(last, temperature, top_p, rng)
             if tok in self._eos_ids and not ignore_eos:
                 return
             yield tok
@@ -268,6 +275,11 @@ class EncoderTextSession(SessionLifetime):
             idx = order[i : i + bs]
             out[idx] = self._run([texts[j] for j in idx])
         return out
+
+    def sibling(self) -> "EncoderTextSession":
+        """Embedding keeps no state between calls and the engines' run() is thread-safe: one session serves
+        parallel requests."""
+        return self
 
     def _not_a_decoder(self, *args: Any, **kw: Any):
         raise InputError(f"{self.path} is a sentence encoder: it embeds text and does not generate",

@@ -129,7 +129,9 @@ BASE_ONLY = ["edgekit/__init__.py", "edgekit/errors.py", "edgekit/registry.py", 
 RUNTIME_EXTRA = {"llamacpp.py": "llamacpp", "onnxruntime.py": "onnx", "onnxruntime_encoder.py": "onnx",
                  "coreml.py": "coreml", "optimum_onnx.py": "optimum", "ort_genai.py": "genai"}
 # library modules that drive foreign tools, outside [convert]: the extra that covers them
-FOREIGN_EXTRA = {"runtimes/optimum_onnx.py": "optimum", "runtimes/ort_genai.py": "genai", "edgekit/hf_export.py": "all"}
+FOREIGN_EXTRA = {"runtimes/optimum_onnx.py": "optimum", "runtimes/ort_genai.py": "genai", "edgekit/hf_export.py": "all",
+                 # the server: its own extra, so an app installs it without torch
+                 **{f"edgekit/serve/{m}.py": "serve" for m in ("__init__", "app", "pool", "schemas", "metrics", "stops")}}
 
 
 def _canon(name: str) -> str:

@@ -1,0 +1,156 @@
+"""``edgekit serve``: an OpenAI-compatible HTTP server over any artifact edgekit can load.
+
+Models are opened (after the memory-fit guard has checked that all of them, with every parallel
+session's KV cache, fit the memory available) before the socket is bound, so a bad artifact is one
+error line and no half-started server. Loopback only unless an API key protects it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekit.errors import EdgekitError, InputError, MissingDependencyError
+
+
+@dataclass
+class ServeConfig:
+    artifacts: list[str]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    parallel: int = 1
+    queue: int = 64  # requests waiting per model before 429
+    n_ctx: int | None = None
+    threads: int | None = None  # per session; default: the cores shared among the parallel sessions
+    max_tokens: int = 1024
+    max_body_bytes: int = 1 << 20
+    max_memory: int | str | None = None
+    check_memory: bool = True
+    allow_remote_without_key: bool = False
+    names: list[str] = field(default_factory=list)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def model_name(path: Path, manifest: dict | None) -> str:
+    """The id clients use: the artifact directory's name (what `edgekit convert -o` chose), else the file stem."""
+    p = Path(path)
+    return p.name if p.is_dir() else p.stem
+
+
+def open_pools(cfg: ServeConfig, metrics):
+    """Check memory for everything, then open each artifact's sessions: [ModelPool]."""
+    from edgekit.serve.pool import ModelPool
+    from edgekit.session import load, resolve_artifact, runtime_of
+
+    if not cfg.artifacts:
+        raise InputError("no artifact to serve", "pass one or more artifact directories or model files")
+    if cfg.parallel < 1 or cfg.queue < 0:
+        raise InputError("--parallel must be at least 1 and --queue at least 0", "e.g. --parallel 2 --queue 64")
+    resolved, names = [], []
+    for i, a in enumerate(cfg.artifacts):
+        file, runtime, manifest = resolve_artifact(a)
+        rt = runtime_of(file, runtime)
+        kind = rt.kind(file)
+        name = cfg.names[i] if i < len(cfg.names) else model_name(Path(a), manifest)
+        if name in names:
+            raise InputError(f"two artifacts would both be served as '{name}'", "give each its own directory name")
+        names.append(name)
+        resolved.append((Path(a), file, rt, kind, manifest, name))
+    if cfg.check_memory:
+        from edgekit import memory_fit
+
+        parts = [memory_fit.estimate(a, n_ctx=cfg.n_ctx if kind == "decoder" else None,
+                                     parallel=cfg.parallel if kind == "decoder" else 1)
+                 for a, _, _, kind, _, _ in resolved]
+        memory_fit.check_total(parts, [r[-1] for r in resolved], cfg.max_memory)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cfg.threads or max(1, cores // cfg.parallel)
+    pools = []
+    try:
+        for path, file, _rt, kind, manifest, name in resolved:
+            opts = {"n_threads": threads}
+            if kind == "decoder" and cfg.n_ctx:
+                opts["n_ctx"] = cfg.n_ctx
+            first = load(path, check_memory=False, **opts)
+            sessions = [first]
+            for _ in range(cfg.parallel - 1 if kind == "decoder" else 0):
+                sessions.append(first.sibling() or load(path, check_memory=False, **opts))
+            pools.append(ModelPool(name, file, kind, sessions, cfg.queue, metrics, manifest))
+    except BaseException:
+        for p in pools:
+            p.close()
+        raise
+    return pools
+
+
+def serve(cfg: ServeConfig, ready=lambda url, pools: None) -> None:
+    """Open the models, bind the socket, serve until interrupted; ``ready(url, pools)`` once listening."""
+    try:
+        import uvicorn
+
+        from edgekit.serve.app import Limits, create_app
+        from edgekit.serve.metrics import ServerMetrics
+    except ImportError as exc:
+        raise MissingDependencyError(f"edgekit serve needs {exc.name}", "pip install 'edgekit-ml[serve]'") from None
+    key = cfg.api_key or os.environ.get("EDGEKIT_API_KEY") or None
+    if not _is_loopback(cfg.host) and key is None and not cfg.allow_remote_without_key:
+        raise InputError(f"serving on {cfg.host} would let anyone on the network use the models",
+                         "set --api-key (or EDGEKIT_API_KEY), or bind 127.0.0.1")
+    metrics = ServerMetrics()
+    pools = open_pools(cfg, metrics)
+    try:
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as exc:
+            raise InputError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})",
+                             "pick another --port (0 picks a free one)") from None
+        port = sock.getsockname()[1]
+        app = create_app(pools, metrics, key, Limits(cfg.max_tokens, cfg.max_body_bytes))
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                lifespan="off")
+        server = uvicorn.Server(config)
+        host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
+        url = f"http://{host}:{port}/v1"
+
+        async def _started():  # after uvicorn is accepting connections
+            while not server.started:
+                await __import__("asyncio").sleep(0.01)
+            ready(url, pools)
+
+        import asyncio
+
+        async def _main():
+            watcher = asyncio.ensure_future(_started())
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                watcher.cancel()
+
+        asyncio.run(_main())
+    finally:
+        for p in pools:
+            p.close()
+
+
+def announce(url: str, pools) -> None:
+    desc = ", ".join(f"{p.name} ({p.kind}, {len(p.sessions)} session{'s' * (len(p.sessions) > 1)})" for p in pools)
+    print(f"edgekit serve: listening on {url} - models: {desc}", file=sys.stderr, flush=True)
+
+
+__all__ = ["ServeConfig", "serve", "open_pools", "announce", "EdgekitError"]
