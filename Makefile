@@ -68,6 +68,7 @@ bench: setup
 	$(PY) benchmarks/bench_encoder.py --out out/bench-encoder
 	$(PY) benchmarks/bench_recipes.py --out out/bench-recipes
 	$(PY) benchmarks/bench_architectures.py
+	$(PY) benchmarks/bench_serve.py --out out/bench-serve
 
 clean:
 	rm -rf out build dist *.egg-info

@@ -16,7 +16,11 @@ __all__ = ["load", "convert", "ConvertRequest", "EdgekitError", "__version__"]
 
 
 def load(path: Any, **options: Any):
-    """Open an artifact and return a session (``generate``, ``logits``, ``close``; a context manager)."""
+    """Open an artifact and return a session (``generate``, ``logits``, ``close``; a context manager).
+
+    ``check_memory`` (default True) and ``max_memory`` (bytes or "2GiB"; default: what is available) ask
+    the memory-fit guard first: a model that would not fit raises :class:`edgekit.errors.MemoryFitError`
+    before anything is allocated. See :func:`edgekit.session.load`."""
     from edgekit.session import load as _load
 
     return _load(path, **options)

@@ -119,6 +119,9 @@ def profile(
     prompt_tokens: Optional[int] = typer.Option(None, help="Prompt length for the measured and predicted time to first token."),
     cloud_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint to measure as a cloud baseline."),
     profiles_dir: List[str] = typer.Option([], "--profiles-dir", help="Extra directory of device profiles (repeatable)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory the session may use, e.g. 2GiB "
+                                             "(default: what the machine has available)."),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Skip the memory-fit guard."),
 ) -> None:
     """Measure load time, TTFT, prefill and decode speed, peak memory, size and quality on this machine."""
     from edgekit.harness.speed import SpeedConfig
@@ -129,7 +132,8 @@ def profile(
         cfg = SpeedConfig(reps=reps, decode_tokens=decode_tokens, **({"prompt_tokens": prompt_tokens} if prompt_tokens else {}))
         result = run_profile(artifact, str(eval_text) if eval_text else None, reference, cfg, quality=not no_quality,
                              progress=progress, targets=list(target), context=context, prompt_tokens=prompt_tokens,
-                             cloud_url=cloud_url, profile_dirs=list(profiles_dir) or None)
+                             cloud_url=cloud_url, profile_dirs=list(profiles_dir) or None,
+                             check_memory=not no_memory_check, max_memory=max_memory)
     if json_out:
         print(json.dumps(result, indent=2))
         return

@@ -45,6 +45,12 @@ class UnknownPluginError(EdgekitError):
     """No pass, exporter or runtime is registered under the asked name."""
 
 
+class MemoryFitError(EdgekitError):
+    """The model would not fit the memory available (or ``max_memory``); raised before anything is allocated."""
+
+    exit_code = 2
+
+
 class ValidationError(EdgekitError):
     """The exported artifact does not compute what the reference computes.
 

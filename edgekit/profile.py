@@ -173,9 +173,15 @@ def _reference_tokens(file: Path, ref: Reference, text: str) -> None:
     ref.ids, ref.token_note = ref_ids, tokenizer_agreement(ref_ids, ids)
 
 
-def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig, progress) -> tuple[dict | None, str | None]:
-    """(quality, note) against ``ref``; quality is None with the reason when it cannot be measured."""
+def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig, progress, check_memory: bool = True,
+             max_memory: int | str | None = None) -> tuple[dict | None, str | None]:
+    """(quality, note) against ``ref``; quality is None with the reason when it cannot be measured. The sessions
+    are guarded as :func:`edgekit.load` guards them (here beside the float reference, when there is one)."""
+    import functools
+
     import edgekit
+
+    load = functools.partial(edgekit.load, check_memory=check_memory, max_memory=max_memory)
 
     if ref.kind != "artifact":  # float reference first; a GGUF that has none is run as an artifact
         if ref.opens is not None:
@@ -184,7 +190,7 @@ def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig,
         if model is not None:
             from edgekit.evaluate import measure_quality
 
-            with edgekit.load(file) as session:
+            with load(file) as session:
                 q = measure_quality(session, model, ref.sha256, text, label, cfg, progress)
             return q | {"reference": ref.describe()}, None
         if ref.opens is None:  # a Hugging Face directory: no runtime of ours runs it
@@ -194,7 +200,7 @@ def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig,
     from edgekit.harness.quality import quality_between
 
     # its own cache key: the same .gguf as a float (torch) reference and as an artifact are different references
-    q = quality_between(lambda: edgekit.load(file), lambda: edgekit.load(ref.opens), f"artifact:{ref.runtime}:{ref.sha256}",
+    q = quality_between(lambda: load(file), lambda: load(ref.opens), f"artifact:{ref.runtime}:{ref.sha256}",
                         ref.ids, label, cfg, progress)
     return q | {"reference": ref.describe(), "tokenizers_agree": ref.token_note is None}, ref.token_note
 
@@ -203,7 +209,12 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
             speed_cfg: SpeedConfig | None = None, quality: bool = True, eval_tokens: int = 4096,
             progress: Callable[[str, int, int], None] = lambda d, a, b: None, targets: list[str] = (),
             context: int | None = None, prompt_tokens: int | None = None, cloud_url: str | None = None,
-            profile_dirs: list[str] | None = None) -> dict[str, Any]:
+            profile_dirs: list[str] | None = None, check_memory: bool = True,
+            max_memory: int | str | None = None) -> dict[str, Any]:
+    """Measure ``artifact`` (see the module docstring). ``check_memory`` / ``max_memory``: the memory-fit guard of
+    :func:`edgekit.load`, run here before anything is measured (the measuring child then opens without it, so
+    load times exclude the guard's reads); the quality pass's own loads are guarded the same way."""
+    from edgekit.memory_fit import guard
     from edgekit.session import runtime_of
 
     speed_cfg = speed_cfg or SpeedConfig()
@@ -213,6 +224,8 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
     why = rt.unavailable_reason()
     if why:  # the runtime does not exist on this OS (Core ML off macOS): size, bits/weight, predictions
         return unmeasured_profile(file, rt, kind, manifest, why, list(targets), profile_dirs, context, prompt_tokens)
+    if check_memory:  # one line now rather than a child killed for memory minutes later
+        guard(file, rt, getattr(speed_cfg, "n_ctx", None), max_memory)
     profiles = {}
     if targets:  # fail on an unknown target before minutes of measuring
         from edgekit.targets.profiles import get_profile
@@ -257,7 +270,8 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
         if ref is None:
             result["quality_note"] = ref_why
         else:
-            result["quality"], note = _quality(file, ref, text, label, EvalConfig(max_tokens=eval_tokens), progress)
+            result["quality"], note = _quality(file, ref, text, label, EvalConfig(max_tokens=eval_tokens), progress,
+                                               check_memory, max_memory)
             if note:
                 result["quality_note"] = note
     result["host"] = host_info()

@@ -51,6 +51,22 @@ def artifact_kind(path: str | Path) -> str:
     return runtime_of(file, named).kind(file)
 
 
-def load(path: str | Path, runtime: str | None = None, **options: Any):
+def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = True,
+         max_memory: int | str | None = None, **options: Any):
+    """Open the artifact at ``path`` (directory or model file) with ``runtime`` (default: the one its manifest
+    or suffix names); ``options`` go to the session (``n_ctx``, ``n_threads``, ``vocab_only``, ...).
+
+    Before anything is allocated, the memory-fit guard (:func:`edgekit.memory_fit.guard`) predicts the
+    session's peak resident memory (weights + KV cache for ``n_ctx`` + runtime buffers) and raises
+    :class:`edgekit.errors.MemoryFitError` when it exceeds ``max_memory`` (bytes, or a size such as "2GiB";
+    default: the memory available now). ``check_memory=False`` skips it; so do ``vocab_only=True`` (no weights
+    or cache), a runtime that cannot run here and an artifact whose facts cannot be read (the runtime's own
+    open then reports what is wrong). A ``max_memory`` that is not a size is an :class:`InputError`.
+    """
     file, named, _ = resolve_artifact(path)
-    return (RUNTIMES.get(runtime) if runtime else runtime_of(file, named)).open(file, **options)
+    rt = RUNTIMES.get(runtime) if runtime else runtime_of(file, named)
+    if check_memory and not options.get("vocab_only"):
+        from edgekit.memory_fit import guard
+
+        guard(file, rt, options.get("n_ctx"), max_memory)
+    return rt.open(file, **options)

@@ -65,7 +65,9 @@ class LlamaCppSession(TextSession):
             )
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"llama.cpp could not load {self.path} ({exc})", "re-export the model") from None
-        self.n_ctx = self._llm.n_ctx()
+        # llama.cpp rounds its context up to a multiple of 256 but llama-cpp-python's token buffer keeps
+        # the asked size: the smaller one is what a prompt may fill
+        self.n_ctx = min(self._llm.n_ctx(), int(n_ctx)) if n_ctx else self._llm.n_ctx()
         self.n_vocab = self._llm.n_vocab()
         self._batch = None
 

@@ -53,7 +53,7 @@ def model_name(path: Path, manifest: dict | None) -> str:
 def open_pools(cfg: ServeConfig, metrics):
     """Check memory for everything, then open each artifact's sessions: [ModelPool]."""
     from edgekit.serve.pool import ModelPool
-    from edgekit.session import load, resolve_artifact, runtime_of
+    from edgekit.session import resolve_artifact, runtime_of
 
     if not cfg.artifacts:
         raise InputError("no artifact to serve", "pass one or more artifact directories or model files")
@@ -75,19 +75,20 @@ def open_pools(cfg: ServeConfig, metrics):
         parts = [memory_fit.estimate(a, n_ctx=cfg.n_ctx if kind == "decoder" else None,
                                      parallel=cfg.parallel if kind == "decoder" else 1)
                  for a, _, _, kind, _, _ in resolved]
-        memory_fit.check_total(parts, [r[-1] for r in resolved], cfg.max_memory)
+        memory_fit.check_total(parts, [r[-1] for r in resolved], cfg.max_memory, bypass="pass --no-memory-check")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = cfg.threads or max(1, cores // cfg.parallel)
     pools = []
     try:
-        for path, file, _rt, kind, manifest, name in resolved:
+        for _path, file, rt, kind, manifest, name in resolved:
             opts = {"n_threads": threads}
             if kind == "decoder" and cfg.n_ctx:
                 opts["n_ctx"] = cfg.n_ctx
-            first = load(path, check_memory=False, **opts)
+            # opened through the runtime itself: the guard above already counted every session
+            first = rt.open(file, **opts)
             sessions = [first]
             for _ in range(cfg.parallel - 1 if kind == "decoder" else 0):
-                sessions.append(first.sibling() or load(path, check_memory=False, **opts))
+                sessions.append(first.sibling() or rt.open(file, **opts))
             pools.append(ModelPool(name, file, kind, sessions, cfg.queue, metrics, manifest))
     except BaseException:
         for p in pools:

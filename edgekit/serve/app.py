@@ -53,8 +53,9 @@ def _envelope(status: int, message: str, type_: str, code: str | None = None, pa
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes, by Content-Length or while a chunked body streams in,
-    before the application reads them into memory."""
+    """Refuses request bodies over ``limit`` bytes (by Content-Length, or while a chunked body streams
+    in) before the application sees them: the body is read here, at most ``limit`` bytes of it, and
+    replayed to the app; later messages (a disconnect) pass through."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -65,30 +66,33 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        body, more = [], True
+        size = 0
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            body.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
         resp = _envelope(400, f"the request body exceeds the server's limit of {self.limit} bytes",
                          "invalid_request_error", "request_too_large")
         await resp(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(pools: list[ModelPool], metrics: ServerMetrics, api_key: str | None = None,

@@ -65,6 +65,7 @@ class ModelPool:
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
+        self._busy = 0
         self._mean_s = 1.0  # running mean of a job's duration, for Retry-After
         self._workers = [threading.Thread(target=self._work, args=(s,), name=f"edgekit-{name}-{i}", daemon=True)
                          for i, s in enumerate(sessions)]
@@ -82,7 +83,8 @@ class ModelPool:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._waiting >= self.queue_limit:
+            # room: one job per idle session plus ``queue_limit`` waiting
+            if self._waiting + self._busy >= len(self.sessions) + self.queue_limit:
                 wait = self._mean_s * (self._waiting + 1) / max(1, len(self.sessions))
                 raise QueueFull(self.name, max(1, math.ceil(wait)))
             self._waiting += 1
@@ -107,8 +109,9 @@ class ModelPool:
             with self._lock:
                 self._waiting -= 1
                 self.metrics.queue_depth.labels(self.name).set(self._waiting)
-            if job.cancelled.is_set():
-                continue
+                if job.cancelled.is_set():
+                    continue
+                self._busy += 1
             started = time.monotonic()
             self.metrics.running.labels(self.name).inc()
             try:
@@ -121,6 +124,8 @@ class ModelPool:
             except Exception as exc:  # a runtime failure answers this request; the worker lives on
                 job.emit("error", f"the {session.runtime} runtime failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
             finally:
+                with self._lock:
+                    self._busy -= 1
                 self.metrics.running.labels(self.name).dec()
                 self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
 

@@ -59,8 +59,9 @@ def _per_layer(value: Any, n_layers: int, key: str, path: Path) -> list[int]:
     return [int(value)] * n_layers
 
 
-def gguf_facts(path: Path) -> ArtifactFacts:
-    """Facts of a GGUF of any architecture llama.cpp runs, read straight from its metadata and tensor table.
+def gguf_facts(path: Path, reader: Any = None) -> ArtifactFacts:
+    """Facts of a GGUF of any architecture llama.cpp runs, read straight from its metadata and tensor table
+    (``reader``: an already parsed header with gguf's reader's ``get_field`` and ``tensors``).
 
     Deliberately not through ``spec_from_reader``: that builds a convertible model spec and refuses
     architectures edgekit cannot convert, while prediction needs only the generic ``{arch}.*`` keys
@@ -71,7 +72,7 @@ def gguf_facts(path: Path) -> ArtifactFacts:
     from edgekit.errors import InputError
 
     path = Path(path)
-    reader = open_reader(path)
+    reader = reader if reader is not None else open_reader(path)
     arch = _meta(reader, "general.architecture")
     needs = "predictions need {arch}.block_count, .embedding_length and .attention.head_count"
 
