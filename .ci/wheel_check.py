@@ -4,6 +4,7 @@
     python wheel_check.py run OUT.npz ARTIFACT...  edgekit.load each artifact: generate + logits, saved
     python wheel_check.py compare A.npz B.npz      the two installs computed the same numbers
     python wheel_check.py no-torch                 torch / transformers are not importable here
+    python wheel_check.py serve EDGEKIT ARTIFACT... `edgekit serve` answers a chat completion per artifact
 
 ``edgekit`` must come from the installed wheel: the repository root is never put on sys.path (its
 ``edgekit/`` folder would shadow the wheel); only ``tests/`` is, for the tiny-model builders.
@@ -70,7 +71,38 @@ def no_torch() -> None:
     print("runtime-only venv: no torch, transformers, safetensors, sentencepiece, onnx")
 
 
+def serve(edgekit: str, artifacts: list[str]) -> None:
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([edgekit, "serve", *artifacts, "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, f"edgekit serve exited {proc.returncode}"
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        for a in artifacts:
+            body = json.dumps({"model": Path(a).name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
+            req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+            assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1, reply
+        print(f"edgekit serve answered chat completions for {len(artifacts)} artifacts")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"tiny-model": lambda: tiny_model(*args), "run": lambda: run(args[0], args[1:]),
-     "compare": lambda: compare(*args), "no-torch": no_torch}[cmd]()
+     "compare": lambda: compare(*args), "no-torch": no_torch, "serve": lambda: serve(args[0], args[1:])}[cmd]()

@@ -4,7 +4,8 @@
 #  2. venv "convert": the wheel with [convert]; a tiny Qwen2 (built in code, tests/tiny_*.py) converted by
 #     the `edgekit` command to GGUF (q8_0) and ONNX (int8), then both run through edgekit.load;
 #  3. venv "runtime": the wheel with [runtime] only; asserts torch is not installed, runs edgekit.load
-#     (generate, chat, logits) and `edgekit run` on both artifacts, same logits as in step 2.
+#     (generate, chat, logits) and `edgekit run` on both artifacts, same logits as in step 2; then [serve]
+#     added: `edgekit serve` answers a chat completion for each, still without torch.
 # Versions come from requirements.txt as constraints (-c: the extras decide what is installed, the pins
 # which version). llama-cpp-python is never compiled here: it comes from the wheelhouse the Makefile
 # built once (WHEELHOUSE), --only-binary so a missing wheel fails instead of compiling for 10 minutes.
@@ -61,4 +62,9 @@ RPY="$WORK/runtime/bin/python"
 "$RPY" "$HELPER" compare "$WORK/convert.npz" "$WORK/runtime.npz"
 "$WORK/runtime/bin/edgekit" run "$WORK/gguf" "Hello" --max-tokens 4
 "$WORK/runtime/bin/edgekit" run "$WORK/onnx" "Hello" --max-tokens 4
+step "the same venv plus [serve]: edgekit serve over both artifacts, still no torch"
+"$RPY" -m pip install "${PIP_ARGS[@]}" "edgekit-ml[serve] @ file://$WHEEL"
+"$RPY" -m pip check
+"$RPY" "$HELPER" no-torch
+"$RPY" "$HELPER" serve "$WORK/runtime/bin/edgekit" "$WORK/gguf" "$WORK/onnx"
 step "done: convert venv install+convert ${T_CONVERT}s (install ${T_CONVERT_INSTALL}s), total $((SECONDS - T0)) s"

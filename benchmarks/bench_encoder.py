@@ -29,7 +29,7 @@ VARIANTS = [("fp32", 0), ("int8", 0), ("int4", 0), ("int8", 4), ("int4", 4)]
 
 
 def build(root: Path, reuse: bool) -> dict[str, Path]:
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     out = {}
     for quant, level in VARIANTS:

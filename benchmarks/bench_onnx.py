@@ -38,7 +38,7 @@ PROMPT = "The history of the printing press begins"
 
 
 def convert_all(root: Path, reuse: bool, which: list[tuple[str, str]]) -> dict[str, Path]:
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     out = {}
     for fmt, quant in which:

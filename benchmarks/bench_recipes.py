@@ -32,7 +32,7 @@ DEFAULT_RECIPES = ["int4@gguf", "prune20@gguf", "prune20-recover@gguf", "prune25
 
 def run_one(recipe_name: str, fmt: str, out: Path, user_text: Path | None, reuse: bool) -> dict:
     from edgekit import recipes
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
     from edgekit.errors import EdgekitError
     from edgekit.harness.speed import SpeedConfig
     from edgekit.manifest import read_manifest

@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--skip-llama-server", action="store_true")
     args = ap.parse_args()
 
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
     from edgekit.runtimes.llamacpp import default_threads
 
     art = Path(args.out) / "int4"
@@ -195,7 +195,9 @@ def main() -> None:
     if not args.skip_llama_server:
         port = _free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "2048",
-               "--n_threads", str(default_threads()), "--n_threads_batch", str(default_threads()), "--verbose", "False"]
+               "--n_threads", str(default_threads()), "--n_threads_batch", str(default_threads()), "--verbose", "False",
+               # its default aborts the running stream whenever another request arrives
+               "--interrupt_requests", "False"]
         runs.append(load_test("llama_cpp.server", cmd, port, str(gguf), "/v1/models", args.requests, args.concurrency,
                               args.max_tokens))
 
@@ -207,7 +209,7 @@ def main() -> None:
         f = lambda v, spec=".0f": "-" if v is None else format(v, spec)  # noqa: E731
         t.add_row(r["server"], str(r["errors"]), f(r["ttft_p50_ms"]), f(r["ttft_p99_ms"]), f(r["aggregate_tok_s"], ".1f"),
                   f(r["requests_s"], ".2f"), f(r["peak_rss_mb"]), f(r["rss_growth_second_half_pct"], "+.1f") + "%")
-    Console().print(t)
+    Console(width=150).print(t)
     out = HERE / "results" / "serve.json"
     out.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": default_threads(),
                                "runs": runs}, indent=2) + "\n")

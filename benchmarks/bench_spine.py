@@ -26,7 +26,7 @@ OTHER_PROSE = Path("/usr/share/common-licenses/GPL-3")
 
 
 def convert_all(root: Path, reuse: bool) -> dict[str, Path]:
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     out = {}
     for quant in ("f16", "q8_0", "q4_0", "int4"):

@@ -82,7 +82,7 @@ def _check(compare, case, name, facts, cal, speed, host):
 def _onnx(args, console, host, text, compare) -> None:
     """ONNX Runtime: held-out int4 recipe (calibrated on f16 + q8_0 + q4_0) and held-out 4-bit kernel (q4_0
     predicted from f16 + q8_0), all measured in the same run."""
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
     from edgekit.harness.speed import SpeedConfig, measure
     from edgekit.targets import predict as pr
     from edgekit.targets.facts import artifact_facts
@@ -120,7 +120,7 @@ def _print(console, host, rows) -> None:
 
 
 def _gguf(args, console, host, text, compare) -> None:
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
     from edgekit.harness.speed import SpeedConfig, measure
     from edgekit.targets import predict as pr
     from edgekit.targets.facts import artifact_facts

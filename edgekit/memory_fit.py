@@ -40,6 +40,7 @@ import inspect
 import mmap
 import re
 import struct
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,8 @@ def _read(file: Path, rt) -> _Model:
         from edgekit.targets.facts import gguf_facts
 
         facts = gguf_facts(file, reader=header)
+    elif rt.format == "onnx" and rt.name == "onnxruntime" and "onnx" not in sys.modules:
+        return _read_onnx_light(file, rt, kind, predict)
     else:
         facts = rt.facts(file)
     context = facts.extra.get("context")
@@ -214,6 +217,40 @@ def _read(file: Path, rt) -> _Model:
                   dict(facts.bytes_by_type), int(getattr(facts, "kv_bytes_per_token", 0) or 0), _heads(file, facts, header),
                   int(context) if context else None, _session_n_ctx(rt, kind) or int(context or DEFAULT_N_CTX),
                   int(facts.hidden_size or 0), int(facts.extra.get("max_length") or 0), predict.load(rt.name, rt.format))
+
+
+# the storage type an edgekit ONNX artifact's matrices have, by the manifest's recipe quant
+_ONNX_QUANT_TYPE = {"int4": "NBITS4", "q4_0": "NBITS4", "int8": "NBITS8", "q8_0": "NBITS8", "f16": "F16", "fp16": "F16",
+                    "fp32": "F32", "f32": "F32"}
+
+
+def _read_onnx_light(file: Path, rt, kind: str, predict) -> _Model:
+    """An edgekit ONNX artifact's estimate from its files' sizes, ``onnx_config.json`` and the manifest, without
+    the ``onnx`` package: apps load through ONNX Runtime alone (the [runtime] install has no onnx), and parsing
+    the graph there would cost a heavy import on every load. Every byte is taken to be of the recipe's main
+    type (the 8-bit head of a 4-bit recipe then counts ORT's 4-bit copy factor: a slight overestimate)."""
+    import json
+
+    from edgekit.formats.onnx import CONFIG
+
+    cfg = CONFIG.read(file, kind)
+    size = sum(p.stat().st_size for p in file.parent.iterdir() if p.is_file() and p.name.startswith(file.name))
+    quant = None
+    manifest = file.parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            quant = (json.loads(manifest.read_text()).get("recipe") or {}).get("quant")
+        except (OSError, ValueError):
+            quant = None
+    typ = _ONNX_QUANT_TYPE.get(str(quant), max(ORT_LOADED, key=ORT_LOADED.get))  # unknown: the largest copy
+    if kind == "encoder":
+        return _Model(file.name, rt.name, rt.format, kind, size, 0, {typ: size}, 0, 0.0, None, 0,
+                      int(cfg.get("hidden_size") or cfg["dim"]), int(cfg["max_length"]), predict.load(rt.name, rt.format))
+    kv = 2 * sum(int(h) for h in cfg["layer_kv_heads"]) * int(cfg["head_dim"]) * 4  # float32 cache (onnx_facts)
+    hidden = int(cfg.get("hidden_size") or 0)
+    context = int(cfg["max_position"])
+    return _Model(file.name, rt.name, rt.format, kind, size, 0, {typ: size}, kv, hidden / 64 if hidden else 0.0, context,
+                  _session_n_ctx(rt, kind) or context, hidden, 0, predict.load(rt.name, rt.format))
 
 
 def _session_n_ctx(rt, kind: str) -> int | None:

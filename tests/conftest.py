@@ -88,7 +88,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def e2e_artifacts(tmp_path_factory):
     """The default model converted once per test session at q8_0, q4_0 and int4."""
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     root = tmp_path_factory.mktemp("e2e")
     out = {}

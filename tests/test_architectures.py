@@ -400,7 +400,7 @@ def test_k_quant_gguf_source_converts(tmp_path):
     import llama_cpp
 
     from conftest import tiny_model
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
     from edgekit.converters.gguf_layout import open_reader
 
     m = tiny_model(hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2, head_dim=64)
@@ -433,7 +433,7 @@ def test_hugging_face_directory_with_its_own_tokenizer_converts(name, tokenizer,
     artifact's runtime tokenizes the evaluation text exactly as the source's Hugging Face tokenizer does."""
     from transformers import AutoTokenizer
 
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
     from edgekit.session import load
     from tiny_tokenizers import qwen_tokenizer_dir, spm_tokenizer_dir
 

@@ -112,7 +112,7 @@ def test_run_and_profile_on_corrupt_or_missing_artifacts(tmp_path):
 
 def test_failed_validation_leaves_nothing(tmp_path, tiny_gguf, monkeypatch):
     """A real validation failure (tolerance tightened below what q8_0 achieves) writes nothing."""
-    from edgekit import convert as conv
+    from edgekit import pipeline as conv
     from edgekit.passes.rtn import Q8_0Pass
 
     monkeypatch.setattr(Q8_0Pass, "tolerance", {"kld_mean": 0.0})
@@ -124,7 +124,7 @@ def test_failed_validation_leaves_nothing(tmp_path, tiny_gguf, monkeypatch):
 
 
 def test_interrupt_during_export_leaves_nothing_and_keeps_old_artifact(tmp_path, tiny_gguf, monkeypatch):
-    from edgekit import convert as conv
+    from edgekit import pipeline as conv
 
     out = tmp_path / "out"
     out.mkdir()

@@ -438,7 +438,7 @@ from tests.test_encoder import TEXTS, tiny_bert  # noqa: E402,F401 (a fixture: a
 
 @pytest.mark.parametrize("quant", ["int8", "ternary"])
 def test_encoder_converts_bit_exact(tiny_bert, tmp_path, quant):  # noqa: F811
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     out = tmp_path / "out"
     manifest = convert(ConvertRequest(str(tiny_bert), "coreml", quant, out))
@@ -460,7 +460,7 @@ def test_encoder_converts_bit_exact(tiny_bert, tmp_path, quant):  # noqa: F811
 @pytest.mark.skipif(sys.platform != "darwin", reason="needs Core ML's runtime, which exists only on macOS")
 def test_encoder_embeddings_match_reference_on_macos(tiny_bert, tmp_path):  # noqa: F811
     import edgekit
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
     from edgekit.encoder import EncoderReference, load_encoder
 
     out = tmp_path / "out"
@@ -507,7 +507,7 @@ def test_cli_convert_validates_on_macos(converted):
 @pytest.mark.slow  # ~3 min: GPTQ of SmolLM2 and a full Core ML conversion
 def test_default_model_int4_coreml(tmp_path):
     """SmolLM2 at int4 (~2-4 min, 2.5 GB peak): every tensor stored as the recipe says, bit for bit."""
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     manifest = convert(ConvertRequest(None, "coreml", "int4", tmp_path / "out"))
     checks = manifest["artifact"]["package_checks"]["weights"]

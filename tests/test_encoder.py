@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 import edgekit
 from edgekit.converters.onnx import unpack_nbits
-from edgekit.convert import ConvertRequest, convert
+from edgekit.pipeline import ConvertRequest, convert
 from edgekit.converters.onnx import ONNXExporter
 from edgekit.converters.onnx_encoder import param_name
 from edgekit.encoder import EMBEDDING, EncoderReference, is_encoder, load_encoder, packaged_minilm_dir

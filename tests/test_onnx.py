@@ -188,7 +188,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("quant", ["fp32", "int8", "q4_0"])
 def test_convert_to_onnx_validates(tiny_gguf, tmp_path, quant):
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     out = tmp_path / "out"
     manifest = convert(ConvertRequest(str(tiny_gguf), "onnx", quant, out, eval_tokens=1024))
@@ -211,7 +211,7 @@ def test_convert_to_onnx_validates(tiny_gguf, tmp_path, quant):
 # ---------------------------------------------------------------- (d) (e) failures
 
 def test_corrupted_scales_fail_validation_and_leave_nothing(tiny_gguf, tmp_path, monkeypatch):
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     original = ONNXExporter.export
 
@@ -339,7 +339,7 @@ def test_per_layer_shapes_and_lowrank_factors(tmp_path, monkeypatch, quant):
 
 
 def test_external_data_loads_and_is_listed(tiny_gguf, tmp_path, monkeypatch):
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     monkeypatch.setattr(onnx_format, "INLINE_LIMIT", 1000)
     out = tmp_path / "out"

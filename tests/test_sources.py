@@ -45,7 +45,7 @@ def test_hf_dir_reads_back_the_weights(tmp_path):
 def test_hf_dir_converts_and_llama_cpp_tokenizes_like_hugging_face(tmp_path):
     """Export-time validation compares llama.cpp's tokenization of the evaluation text with the
     Hugging Face tokenizer's; a wrong pre-tokenizer mapping would fail this conversion."""
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     src = write_hf_dir(tiny_model(seed=2), tmp_path / "hf")
     manifest = convert(ConvertRequest(str(src), "gguf", "f16", tmp_path / "out", eval_tokens=1024))

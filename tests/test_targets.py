@@ -183,7 +183,7 @@ def test_unknown_target_is_one_line(tiny_dir):
 
 
 def test_report_command_writes_html(tmp_path, tiny_dir):
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     dirs = []
     for quant in ("q8_0", "q4_0"):

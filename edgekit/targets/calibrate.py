@@ -21,7 +21,7 @@ CALIBRATION_CONFIG = SpeedConfig(reps=5, long_context=1024)
 
 def default_artifacts(log: Callable[[str], None], progress, formats: tuple[str, ...] = tuple(DEFAULT_RECIPES)) -> list[Path]:
     """The embedded model at the default recipes of each format, converted once into the cache."""
-    from edgekit.convert import ConvertRequest, convert
+    from edgekit.pipeline import ConvertRequest, convert
 
     root = cache_dir("calibration-artifacts")
     out = []
