@@ -33,6 +33,7 @@ def test_prune_with_recovery_to_gguf(tmp_path):
         assert len(s.generate("def fibonacci(n):", max_tokens=8)) > 0
 
 
+@pytest.mark.slow  # a full-size ternary conversion of SmolLM2 (~70 s): make test stays under 30 min
 def test_ternary_without_recovery_warns_and_packs_tq2_0(tmp_path):
     out = tmp_path / "t"
     r = run_cli("convert", "--quant", "ternary", "--out", str(out))
