@@ -4,7 +4,8 @@ llama.cpp GGUF file.
 Which tensors the file holds (fused ones included), their names, the metadata and the q/k row
 permutation come from the architecture (:meth:`Architecture.gguf_tensors` / ``write_gguf_metadata``);
 file writing goes through ``gguf.GGUFWriter``. The only hand-written part
-is packing edgekit's own integers and scales into GGML block bytes (``pack_q4_0`` / ``pack_q8_0``):
+is packing edgekit's own integers and scales into GGML block bytes (``pack_q4_0`` / ``pack_q8_0`` /
+``pack_iq4_nl``):
 gguf's quantizers take floats and choose their own scales, which would discard the numbers a
 data-aware pass chose.
 """
@@ -21,7 +22,7 @@ from edgekit.architectures.base import GGUFTensor
 from edgekit.contracts import Capabilities, Exporter
 from edgekit.converters.gguf_layout import permute_qk
 from edgekit.formats import gguf as fmt
-from edgekit.model import BlockQuant, Cast, Model
+from edgekit.model import BlockCodebook, BlockQuant, Cast, Model
 
 
 def pack_q4_0(bq: BlockQuant) -> np.ndarray:
@@ -43,6 +44,21 @@ def pack_q8_0(bq: BlockQuant) -> np.ndarray:
     d = bq.scales.astype(np.float16).reshape(rows, nb, 1).view(np.uint8)
     qs = bq.q.reshape(rows, nb, 32).view(np.uint8)
     return np.concatenate([d, qs], axis=-1).reshape(rows, nb * 34)
+
+
+def pack_iq4_nl(bc: BlockCodebook) -> np.ndarray:
+    """GGML IQ4_NL blocks: fp16 d, then 16 bytes of codebook indices laid out as Q4_0's nibbles
+    (low nibbles idx[0:16], high nibbles idx[16:32]); llama.cpp computes d * kvalues_iq4nl[idx]."""
+    from edgekit.qat import IQ4_NL_LEVELS
+
+    if bc.codebook != "iq4_nl" or bc.block_size != 32 or tuple(int(v) for v in bc.levels) != IQ4_NL_LEVELS:
+        raise ValueError("IQ4_NL holds the iq4_nl codebook in blocks of 32 only")
+    rows, cols = bc.shape
+    nb = cols // 32
+    nib = bc.idx.reshape(rows, nb, 32).astype(np.uint8)
+    qs = nib[..., :16] | (nib[..., 16:] << 4)
+    d = bc.scales.astype(np.float16).reshape(rows, nb, 1).view(np.uint8)
+    return np.concatenate([d, qs], axis=-1).reshape(rows, nb * 18)
 
 
 def pack_tq2_0(bq: BlockQuant) -> np.ndarray:
@@ -67,8 +83,11 @@ def as_q4_0_blocks(bq: BlockQuant) -> BlockQuant:
     return BlockQuant(bq.q, np.repeat(bq.scales, rep, axis=1), bits=4, block_size=32)
 
 
-def _permute_rows(bq: BlockQuant, heads: int) -> BlockQuant:
+def _permute_rows(bq, heads: int):
     # the q/k permutation moves whole rows, so integers and scales move with them unchanged
+    if isinstance(bq, BlockCodebook):
+        return BlockCodebook(permute_qk(bq.idx, heads), permute_qk(bq.scales, heads), bq.levels, bq.block_size,
+                             bq.codebook)
     return BlockQuant(permute_qk(bq.q, heads), permute_qk(bq.scales, heads), bq.bits, bq.block_size)
 
 
@@ -78,6 +97,12 @@ def _joined(model: Model, parts: tuple[str, ...]):
     if len(parts) == 1:
         return encs[0], model.tensors[parts[0]]
     first = encs[0]
+    if isinstance(first, BlockCodebook):
+        if not all(isinstance(e, BlockCodebook) and (e.codebook, e.block_size) == (first.codebook, first.block_size)
+                   for e in encs):
+            raise ValueError(f"{', '.join(parts)} are stored differently and cannot share one GGUF tensor")
+        return (BlockCodebook(np.concatenate([e.idx for e in encs]), np.concatenate([e.scales for e in encs]),
+                              first.levels, first.block_size, first.codebook), None)
     if isinstance(first, BlockQuant):
         if not all(isinstance(e, BlockQuant) and (e.bits, e.block_size) == (first.bits, first.block_size) for e in encs):
             raise ValueError(f"{', '.join(parts)} are stored differently and cannot share one GGUF tensor")
@@ -95,6 +120,10 @@ def encode_tensor(model: Model, gt: GGUFTensor) -> tuple[np.ndarray, Any, str]:
     T = gguf.GGMLQuantizationType
     enc, arr = _joined(model, gt.parts)
     heads = gt.permute_heads
+    if isinstance(enc, BlockCodebook):
+        if heads is not None:
+            enc = _permute_rows(enc, heads)
+        return pack_iq4_nl(enc), T.IQ4_NL, "IQ4_NL"
     if isinstance(enc, BlockQuant):
         if heads is not None:
             enc = _permute_rows(enc, heads)
@@ -118,7 +147,7 @@ def _file_type(type_names: list[str]) -> int:
     import gguf
 
     F = gguf.LlamaFileType
-    for t, ft in (("TQ2_0", F.MOSTLY_TQ2_0), ("Q4_0", F.MOSTLY_Q4_0), ("Q8_0", F.MOSTLY_Q8_0), ("F16", F.MOSTLY_F16)):
+    for t, ft in (("TQ2_0", F.MOSTLY_TQ2_0), ("IQ4_NL", F.MOSTLY_IQ4_NL), ("Q4_0", F.MOSTLY_Q4_0), ("Q8_0", F.MOSTLY_Q8_0), ("F16", F.MOSTLY_F16)):
         if t in type_names:
             return int(ft)
     return int(F.ALL_F32)
@@ -131,7 +160,7 @@ class GGUFExporter(Exporter):
     filename = fmt.MODEL_FILE
     runtime = "llamacpp"
     # llama.cpp's architectures have one width per model and no factorized linears
-    capabilities = Capabilities(kinds=frozenset({"decoder"}), bits=frozenset({2, 4, 8}))
+    capabilities = Capabilities(kinds=frozenset({"decoder"}), bits=frozenset({2, 4, 8}), codebooks=frozenset({"iq4_nl"}))
 
     def supports(self, model: Model) -> str | None:
         """None when this exporter can pack ``model``, otherwise the reason it cannot."""
@@ -148,6 +177,8 @@ class GGUFExporter(Exporter):
             return "layers have different widths after pruning; prune with uniform widths or use --format onnx"
         for n in model.tensors:
             enc = model.encoding(n)
+            if isinstance(enc, BlockCodebook) and (enc.codebook != "iq4_nl" or enc.block_size != 32):
+                return f"{n}: the {enc.codebook} codebook in blocks of {enc.block_size} has no GGUF type (IQ4_NL: blocks of 32)"
             if not isinstance(enc, BlockQuant):
                 continue
             ok = (enc.block_size, enc.bits) in ((32, 4), (32, 8)) or (enc.bits == 2 and enc.block_size % 32 == 0)

@@ -13,7 +13,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a model, export it for the edge, and measure how it runs.")
 
-QUANTS = "fp32, f16, int8 / q8_0, q4_0 (round-to-nearest), int4 (data-aware), ternary"
+QUANTS = ("fp32, f16, int8 / q8_0, q4_0 (round-to-nearest), int4 (data-aware), nl4 (data-aware IQ4_NL, GGUF), "
+          "qat (quantization-aware training, see --qat-grid), ternary")
 
 
 def _console(stderr: bool = False):
@@ -34,6 +35,11 @@ def convert(
     calib_text: Optional[Path] = typer.Option(None, help="Calibration text for data-aware passes "
                                               "(default: shipped text, disjoint from the evaluation text)."),
     calib_tokens: int = typer.Option(4096, help="Calibration tokens for data-aware passes."),
+    calib_generated: int = typer.Option(4096, help="Tokens of text the float model writes itself, mixed into the "
+                                        "calibration set (seeded, cached; 0: the calibration text alone)."),
+    qat_grid: Optional[str] = typer.Option(None, help="With --quant qat: int4 (Q4_0, default), nl4 (IQ4_NL, GGUF), "
+                                           "int8, int2 or ternary."),
+    qat_tokens: Optional[int] = typer.Option(None, help="With --quant qat: calibration tokens each training stage uses."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Device profile: choose the recipe predicted "
                                          "to give the best quality that fits it."),
@@ -55,12 +61,15 @@ def convert(
     from edgekit import recipes
 
     the_recipe = None
+    qat = {k: v for k, v in (("grid", qat_grid), ("tokens", qat_tokens)) if v is not None}
+    if qat and quant != "qat":
+        raise typer.BadParameter("--qat-grid / --qat-tokens go with --quant qat")
     if recipe and any(v is not None for v in (prune, prune_heads, rank, recover)):
         raise typer.BadParameter("--recipe does not combine with --prune/--prune-heads/--rank/--recover")
     if recipe:
         the_recipe = recipes.load(recipe)
-    elif any(v is not None for v in (prune, prune_heads, rank, recover)):
-        the_recipe = recipes.from_flags(quant, prune, prune_heads, rank, rank_method, recover, uniform)
+    elif any(v is not None for v in (prune, prune_heads, rank, recover)) or qat:
+        the_recipe = recipes.from_flags(quant, prune, prune_heads, rank, rank_method, recover, uniform, storage_params=qat)
     from edgekit.pipeline import ConvertRequest, convert as run_convert
     from edgekit.progress import progress_bars
 
@@ -69,7 +78,7 @@ def convert(
         manifest = run_convert(ConvertRequest(
             model=model, format=format, quant=quant, out=out, force=force, recipe=the_recipe,
             eval_text=str(eval_text) if eval_text else None, calib_text=str(calib_text) if calib_text else None,
-            calib_tokens=calib_tokens, target=target, profile_dirs=list(profiles_dir) or None,
+            calib_tokens=calib_tokens, calib_generated=calib_generated, target=target, profile_dirs=list(profiles_dir) or None,
             limits={"max_latency_ms": max_latency_ms, "min_tok_s": min_tok_s, "max_kld": max_kld, "min_top1": min_quality},
             progress=progress, log=lambda s: err.print(f"[dim]{s}[/dim]") if not json_out else None))
     if json_out:

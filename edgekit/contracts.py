@@ -30,6 +30,7 @@ class Capabilities:
     bits: frozenset[int] = frozenset({4, 8})  # integer widths of block-quantized weights
     lowrank: bool = False  # two factors in place of one matrix
     per_layer_widths: bool = False  # layers of different widths after structured pruning
+    codebooks: frozenset[str] = frozenset()  # non-uniform block grids it holds (e.g. "iq4_nl")
 
     def refusal(self, kind: str, structural: set[str], fmt: str) -> str | None:
         """Why a recipe with these structural passes cannot land in this format, or None."""
@@ -50,7 +51,7 @@ class Exporter(ABC):
 
     def supports(self, model: Any) -> str | None:
         """None when this exporter can pack ``model`` as the passes left it, otherwise the reason."""
-        from edgekit.model import BlockQuant
+        from edgekit.model import BlockCodebook, BlockQuant
 
         kind = getattr(model, "kind", "decoder")
         if kind not in self.capabilities.kinds:
@@ -60,6 +61,8 @@ class Exporter(ABC):
             enc = model.encoding(name)
             if isinstance(enc, BlockQuant) and enc.bits not in bits:
                 return f"{name}: {enc.bits}-bit weights (the {self.name} format holds {', '.join(map(str, sorted(bits)))}-bit ones)"
+            if isinstance(enc, BlockCodebook) and enc.codebook not in self.capabilities.codebooks:
+                return f"{name}: the {self.name} format holds only uniform integer grids, not the {enc.codebook} codebook"
         return None
 
     @abstractmethod

@@ -31,6 +31,8 @@ class Texts:
     calib_text: str | None
     calib_tokens: int = 4096
     eval_tokens: int = 4096
+    # tokens of text the float model writes itself, mixed into the calibration set (0: the text alone)
+    calib_generated: int = 4096
     calibration_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,13 +44,19 @@ class DecoderKind:
         self.tokenize = source_tokenizer(source)
         self.eval_body, self.eval_label = read_text(texts.eval_text, "eval")
 
-    def calibration(self, reference) -> list[list[int]]:
+    def calibration(self, reference, progress=None) -> list[list[int]]:
+        """Windows of the calibration text (the user's, or the shipped one) interleaved with samples
+        the float model writes itself (:mod:`edgekit.calibration`)."""
+        from edgekit import calibration as cal
+
         body, label = read_text(self.texts.calib_text, "calibration")
         ids = self.tokenize(body)[: self.texts.calib_tokens]
         ctx = 512
         seqs = [ids[i : i + ctx] for i in range(0, len(ids), ctx) if len(ids[i : i + ctx]) >= 32]
-        self.texts.calibration_info.update({"text": label, "tokens": sum(map(len, seqs))})
-        return seqs
+        settings = cal.settings_for(self.texts.calib_generated) if self.texts.calib_generated > 0 else None
+        generated = cal.generated_sequences(self.source, settings, progress) if settings else []
+        self.texts.calibration_info.update(cal.describe(label, seqs, generated, settings))
+        return cal.mix(seqs, generated)
 
     def torch_quality(self, model, reference, progress) -> dict[str, Any]:
         """Quality of ``model`` as the passes left it (dequantized weights), computed in torch."""
@@ -114,7 +122,7 @@ class EncoderKind:
         self.texts.calibration_info.update({"text": label, "sentences": len(texts)})
         return texts
 
-    def calibration(self, reference) -> list[list[int]]:
+    def calibration(self, reference, progress=None) -> list[list[int]]:
         return reference.calibration_sequences(self.calibration_texts())
 
     def torch_quality(self, model, reference, progress) -> dict[str, Any]:

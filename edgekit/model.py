@@ -58,6 +58,49 @@ class BlockQuant:
 
 
 @dataclass
+class BlockCodebook:
+    """Non-uniform block weights: ``W[r, c] = scales[r, c // block_size] * levels[idx[r, c]]``.
+
+    ``levels`` is a fixed codebook named by ``codebook`` (GGUF's IQ4_NL grid: 16 integers in
+    [-127, 113]); ``idx`` holds the 4-bit indices (uint8) and ``scales`` the fp16 block scales as stored.
+    Formats that hold only uniform integers (ONNX MatMulNBits) cannot hold it and say so.
+    """
+
+    idx: np.ndarray
+    scales: np.ndarray
+    levels: np.ndarray
+    block_size: int
+    codebook: str
+
+    def __post_init__(self) -> None:
+        rows, cols = self.idx.shape
+        if cols % self.block_size:
+            raise ValueError(f"{cols} columns are not a multiple of the block size {self.block_size}")
+        if self.scales.shape != (rows, cols // self.block_size):
+            raise ValueError(f"scales shape {self.scales.shape} does not match idx {self.idx.shape}")
+        if self.idx.size and int(self.idx.max()) >= len(self.levels):
+            raise ValueError(f"indices beyond the {len(self.levels)}-entry codebook")
+
+    @property
+    def bits(self) -> int:
+        return int(np.ceil(np.log2(len(self.levels))))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.idx.shape)  # type: ignore[return-value]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits + 16 / self.block_size
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.idx.shape
+        s = self.scales.astype(np.float32)[:, :, None]
+        v = np.asarray(self.levels, dtype=np.float32)[self.idx.astype(np.int64)]
+        return (v.reshape(rows, cols // self.block_size, self.block_size) * s).reshape(rows, cols)
+
+
+@dataclass
 class Cast:
     """A tensor kept in floating point, stored as ``dtype`` ("f32" or "f16")."""
 
@@ -68,7 +111,7 @@ class Cast:
         return {"f32": 32.0, "f16": 16.0}[self.dtype]
 
 
-Encoding = BlockQuant | Cast
+Encoding = BlockQuant | BlockCodebook | Cast
 
 
 class EncodedTensors:
@@ -83,7 +126,7 @@ class EncodedTensors:
     def effective_weight(self, name: str) -> np.ndarray:
         """The weight as a runtime will compute with it (dequantized, or rounded to fp16)."""
         enc = self.encoding(name)
-        if isinstance(enc, BlockQuant):
+        if isinstance(enc, (BlockQuant, BlockCodebook)):
             return enc.dequantize()
         if enc.dtype == "f16":
             return self.tensors[name].astype(np.float16).astype(np.float32)

@@ -44,6 +44,7 @@ class ConvertRequest:
     eval_text: str | None = None
     calib_text: str | None = None
     calib_tokens: int = 4096
+    calib_generated: int = 4096  # tokens the float model writes itself for calibration (edgekit.calibration)
     eval_tokens: int = 4096
     # overrides of the storage pass's tolerance, e.g. {"kld_mean": 0.1}
     tolerance: dict[str, float] | None = None
@@ -73,7 +74,7 @@ def convert(request: ConvertRequest) -> dict[str, Any]:
     r.log(f"reading {source.path.name} ({source.model_kind}; float reference)")
     reference = load_reference(source, r.progress)
     timings["reference_s"] = time.perf_counter() - t0
-    texts = Texts(r.eval_text, r.calib_text, r.calib_tokens, r.eval_tokens)
+    texts = Texts(r.eval_text, r.calib_text, r.calib_tokens, r.eval_tokens, r.calib_generated)
     kind = KINDS[source.model_kind](source, texts)
 
     the_plan = None
@@ -159,6 +160,14 @@ def _check_recipe(recipe, exporter, model_kind: str, fmt: str) -> None:
                                f"choose a storage recipe for {model_kind}s (--quant)")
         if cls.structural:
             structural.add(spec["pass"])
+    storage = recipe.passes[-1] if recipe.passes else None
+    codebook = PASSES.get(storage["pass"])(**{k: v for k, v in storage.items() if k != "pass"}).grid_codebook() \
+        if storage else None
+    if codebook and codebook not in exporter.capabilities.codebooks:
+        able = [n for n in EXPORTERS.names() if codebook in EXPORTERS.get(n).capabilities.codebooks]
+        raise EdgekitError(f"the {fmt} format holds only uniform integer grids, not {storage['pass']}'s {codebook} "
+                           "codebook", ("use " + ", ".join(f"--format {n}" for n in able)) if able
+                           else "choose a uniform grid (int4)")
     why = exporter.capabilities.refusal(model_kind, structural, fmt)
     if why:
         able = [n for n in EXPORTERS.names() if n != fmt and model_kind in EXPORTERS.get(n).capabilities.kinds
@@ -204,7 +213,7 @@ def _tracked(recipe) -> bool:
     """Quality after each pass (in torch) when the artifact is meant to differ from the reference: a
     single storage pass is measured by the artifact itself."""
     return len(recipe.passes) > 1 or any(PASSES.get(p["pass"]).structural for p in recipe.passes) \
-        or recipe.storage == "ternary"
+        or recipe.storage == "ternary" or PASSES.get(recipe.storage).trains
 
 
 def run_passes(recipe, work, reference, kind, exporter, r: ConvertRequest) -> list[dict[str, Any]]:
@@ -212,7 +221,7 @@ def run_passes(recipe, work, reference, kind, exporter, r: ConvertRequest) -> li
 
     def calibration() -> list[list[int]]:
         if "seqs" not in calib:
-            calib["seqs"] = kind.calibration(reference)
+            calib["seqs"] = kind.calibration(reference, r.progress)
         return calib["seqs"]
 
     ctx = PassContext(calibration_tokens=calibration, progress=r.progress, reference=reference, log=r.log,

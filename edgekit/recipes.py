@@ -122,7 +122,7 @@ def load(name_or_path: str) -> Recipe:
 
 def from_flags(quant: str | None = None, prune: float | None = None, prune_heads: float | None = None,
                rank: float | None = None, rank_method: str | None = None, recover: int | None = None,
-               uniform: bool | None = None) -> Recipe:
+               uniform: bool | None = None, storage_params: dict[str, Any] | None = None) -> Recipe:
     """``--prune 0.3 --rank 0.5 --quant int4 --recover 200`` as a recipe (recover applies to prune and ternary)."""
     passes: list[dict[str, Any]] = []
     if prune or prune_heads:
@@ -141,7 +141,7 @@ def from_flags(quant: str | None = None, prune: float | None = None, prune_heads
         if rank_method:
             p["method"] = rank_method
         passes.append(p)
-    q: dict[str, Any] = {"pass": quant or DEFAULT_STORAGE}
+    q: dict[str, Any] = {"pass": quant or DEFAULT_STORAGE, **(storage_params or {})}
     if recover and q["pass"] == "ternary":
         q["recover"] = int(recover)
     passes.append(q)

@@ -63,6 +63,8 @@ class Linear:
         self.names = list(factors) if factors else [base + ".weight"]
         self.bias_name = base + ".bias" if base + ".bias" in model.tensors else None
         self.weight_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # per weight name, overriding weight_fn (the two factors of a low-rank linear quantize apart)
+        self.weight_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.input_hook: Callable[[str, torch.Tensor], None] | None = None
 
     @property
@@ -74,7 +76,8 @@ class Linear:
             if self.input_hook is not None:
                 self.input_hook(name, x)
             w = self.net.param(name)
-            x = F.linear(x, self.weight_fn(w) if self.weight_fn is not None else w)
+            fn = self.weight_fns.get(name, self.weight_fn)
+            x = F.linear(x, fn(w) if fn is not None else w)
         if self.bias_name is not None:
             x = x + self.net.param(self.bias_name)
         return x
@@ -179,34 +182,51 @@ class DecoderNet(torch.nn.Module):
     # ------------------------------------------------------------------ forward
 
     def hidden(self, ids: torch.Tensor, causal_mask: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.spec
         B, S = ids.shape
         end = causal_mask.shape[-1] if causal_mask is not None else S
         past = end - S
-        x = F.embedding(ids, self.param(L.EMBED))
-        if s.embed_scale != 1.0:
-            x = x * torch.tensor(s.embed_scale, dtype=torch.float32)
-        tables = {kind: self._tables(kind, past, end) for kind in {b.rope for b in self.blocks}}
+        x = self.embed(ids)
+        tables = self.rope_tables(past, end)
         masks: dict[int | None, torch.Tensor] = {}
         for blk in self.blocks:
-            p = blk.prefix
-            h = self._norm(x, p + L.ATTN_NORM)
-            q, k, v = self._qkv(blk, h, *tables[blk.rope])
-            if causal_mask is None:
-                o = self._attend(blk, q, k, v, S, masks)
-            else:
-                o = self._attend_cached(blk, q, k, v, past, end, causal_mask, masks)
-            if blk.head_mask is not None:
-                o = o * blk.head_mask[None, :, None, None]
-            o = blk.lin["o"](o.transpose(1, 2).reshape(B, S, -1))
-            if s.sandwich_norms:
-                o = self._norm(o, p + L.POST_ATTN_NORM)
-            x = x + o
-            m = self._mlp(blk, self._norm(x, p + L.MLP_NORM))
-            if s.sandwich_norms:
-                m = self._norm(m, p + L.POST_MLP_NORM)
-            x = x + m
+            x = self.block_forward(blk, x, tables, masks, causal_mask, past, end)
         return self._norm(x, L.FINAL_NORM)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.param(L.EMBED))
+        if self.spec.embed_scale != 1.0:
+            x = x * torch.tensor(self.spec.embed_scale, dtype=torch.float32)
+        return x
+
+    def rope_tables(self, start: int, end: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: self._tables(kind, start, end) for kind in {b.rope for b in self.blocks}}
+
+    def block_forward(self, blk: Block, x: torch.Tensor, tables: dict, masks: dict,
+                      causal_mask: torch.Tensor | None = None, past: int = 0, end: int | None = None) -> torch.Tensor:
+        """One decoder layer on the residual stream ``x`` [batch, seq, hidden] (block-wise training runs these one at a time)."""
+        s = self.spec
+        B, S, _ = x.shape
+        p = blk.prefix
+        h = self._norm(x, p + L.ATTN_NORM)
+        q, k, v = self._qkv(blk, h, *tables[blk.rope])
+        if causal_mask is None:
+            o = self._attend(blk, q, k, v, S, masks)
+        else:
+            o = self._attend_cached(blk, q, k, v, past, end, causal_mask, masks)
+        if blk.head_mask is not None:
+            o = o * blk.head_mask[None, :, None, None]
+        o = blk.lin["o"](o.transpose(1, 2).reshape(B, S, -1))
+        if s.sandwich_norms:
+            o = self._norm(o, p + L.POST_ATTN_NORM)
+        x = x + o
+        m = self._mlp(blk, self._norm(x, p + L.MLP_NORM))
+        if s.sandwich_norms:
+            m = self._norm(m, p + L.POST_MLP_NORM)
+        return x + m
+
+    def block_params(self, blk: Block) -> list[str]:
+        """The tensor names of one layer (its linears, biases and norms)."""
+        return [n for n in self.names if n.startswith(blk.prefix)]
 
     def _attend(self, blk: Block, q, k, v, S: int, masks: dict) -> torch.Tensor:
         group = blk.heads // blk.kv_heads

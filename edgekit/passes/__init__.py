@@ -51,9 +51,18 @@ class Pass:
     # scales) far outside. Mean KLD rather than top-1: a random tiny model's near-flat distributions
     # flip their argmax under any rounding.
     tolerance: ClassVar[dict[str, float]] = {"kld_mean": 1.0}
+    # a non-uniform grid (edgekit.model.BlockCodebook) only some formats hold, e.g. "iq4_nl"
+    codebook: ClassVar[str | None] = None
+    # the pass changes weights on purpose (training): its artifact is checked against the same
+    # numbers computed in torch, not against the float reference under a tolerance
+    trains: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.params = params
+
+    def grid_codebook(self) -> str | None:
+        """The codebook this pass (with its parameters) stores, checked against the format before any work."""
+        return self.codebook
 
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
         """Compress ``model`` in place and return a JSON-able record of what was done."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekit.model import BlockQuant, Model
+from edgekit.model import BlockCodebook, BlockQuant, Model
 from edgekit.passes import Pass, PassContext, is_output_head
 from edgekit.passes.rtn import quantize_q8_0
 
@@ -35,30 +35,44 @@ def _scale_grid(n: int = 24) -> np.ndarray:
     return np.linspace(0.75, 1.08, n, dtype=np.float32)
 
 
-def search_scales(w, importance, grid):
+def _value_range(grid) -> tuple[float, float]:
+    return (grid.qmin, grid.qmax) if grid.levels is None else (grid.levels[0], grid.levels[-1])
+
+
+def search_scales(w, importance, factors, grid=None):
     """Per-row fp16 scale for one block of columns minimising the importance-weighted error.
 
-    Candidates are ``m * f`` with m = (value of largest magnitude) / -8 (the Q4_0 rule, which puts the
-    extreme on -8) or / 7 (extreme on +7), for each factor f of ``grid``.
+    Candidates are ``m * f`` with m = (value of largest magnitude) / (the grid's most negative value)
+    (the Q4_0 rule, which puts the extreme on -8) or / (its most positive value), for each factor f.
+    ``grid`` (an :class:`edgekit.qat.Grid`) defaults to int4's integers in [-8, 7].
     """
     import torch
 
+    from edgekit.qat import GRIDS
+
+    grid = grid or GRIDS["int4"]
+    lo, hi = _value_range(grid)
     idx = w.abs().argmax(dim=1, keepdim=True)
     extreme = torch.gather(w, 1, idx)  # [rows, 1]
-    base = torch.cat([extreme / QMIN, extreme / QMAX], dim=1)  # [rows, 2]
-    cands = (base[:, :, None] * grid[None, None, :]).reshape(w.shape[0], -1)  # [rows, C]
+    base = torch.cat([extreme / lo, extreme / hi], dim=1)  # [rows, 2]
+    cands = (base[:, :, None] * factors[None, None, :]).reshape(w.shape[0], -1)  # [rows, C]
     cands = cands.half().float()  # the scale is stored as fp16: search over what will be stored
     cands = torch.where(cands == 0, torch.full_like(cands, 1e-8), cands)
-    q = torch.clamp(torch.round(w[:, None, :] / cands[:, :, None]), QMIN, QMAX)
+    q = grid.values(grid.codes(torch.clamp(w[:, None, :] / cands[:, :, None], lo, hi)))
     err = ((w[:, None, :] - q * cands[:, :, None]) ** 2 * importance[None, None, :]).sum(-1)
     best = err.argmin(dim=1, keepdim=True)
     return torch.gather(cands, 1, best)[:, 0]
 
 
-def gptq_quantize(w: np.ndarray, hessian, block: int = BLOCK, damp: float = 0.01, lazy: int = 128) -> BlockQuant:
-    """GPTQ with static per-block scales (chosen by :func:`search_scales` as each block is reached)."""
+def gptq_quantize(w: np.ndarray, hessian, block: int = BLOCK, damp: float = 0.01, lazy: int = 128, grid=None):
+    """GPTQ with static per-block scales (chosen by :func:`search_scales` as each block is reached), into
+    ``grid``'s values: a :class:`BlockQuant` for integer grids, a :class:`BlockCodebook` for a codebook."""
     import torch
 
+    from edgekit.qat import GRIDS
+
+    grid = grid or GRIDS["int4"]
+    lo, hi = _value_range(grid)
     W = torch.from_numpy(np.array(w, dtype=np.float32))
     rows, cols = W.shape
     H = hessian.clone().double()
@@ -69,7 +83,7 @@ def gptq_quantize(w: np.ndarray, hessian, block: int = BLOCK, damp: float = 0.01
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
-    grid = torch.from_numpy(_scale_grid())
+    factors = torch.from_numpy(_scale_grid())
 
     Q = torch.zeros((rows, cols), dtype=torch.int8)
     S = torch.zeros((rows, cols // block), dtype=torch.float32)
@@ -82,16 +96,19 @@ def gptq_quantize(w: np.ndarray, hessian, block: int = BLOCK, damp: float = 0.01
         for j in range(b1 - b0):
             col = b0 + j
             if col % block == 0:
-                d = search_scales(W1[:, j : j + block], importance[col : col + block], grid)
+                d = search_scales(W1[:, j : j + block], importance[col : col + block], factors, grid)
                 S[:, col // block] = d
             wcol = W1[:, j]
-            q = torch.clamp(torch.round(wcol / d), QMIN, QMAX)
+            q = grid.codes(torch.clamp(wcol / d, lo, hi))
             Q[:, col] = q.to(torch.int8)
-            err = (wcol - q * d) / Hinv1[j, j]
+            err = (wcol - grid.values(q) * d) / Hinv1[j, j]
             W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
             Err[:, j] = err
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
-    return BlockQuant(Q.numpy(), S.numpy().astype(np.float16), bits=4, block_size=block)
+    scales = S.numpy().astype(np.float16)
+    if grid.levels is not None:
+        return BlockCodebook(Q.numpy().astype(np.uint8), scales, np.array(grid.levels, dtype=np.int8), block, grid.name_codebook)
+    return BlockQuant(Q.numpy(), scales, bits=grid.bits, block_size=block)
 
 
 def layer_output_error(w: np.ndarray, bq: BlockQuant, hessian) -> float:
@@ -110,9 +127,14 @@ class Int4Pass(Pass):
     needs_calibration = True
     kinds = frozenset({"decoder", "encoder"})
     tolerance = {"kld_mean": 0.6, "cosine_distance_mean": 0.03, "cosine_distance_worst": 0.15}
+    param_types = {"damp": float}
+    grid_name = "int4"  # the grid of edgekit.qat.GRIDS the numbers land on
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         from edgekit.passes.rtn import quantize_q4_0
+        from edgekit.qat import GRIDS
+
+        grid = GRIDS[self.grid_name]
 
         if ctx.calibration_tokens is None:
             raise ValueError("int4 needs calibration tokens")
@@ -131,7 +153,7 @@ class Int4Pass(Pass):
                 model.encodings[n] = quantize_q4_0(w)
                 continue
             H = hessians[n]
-            bq = gptq_quantize(w, H, damp=float(self.params.get("damp", 0.01)))
+            bq = gptq_quantize(w, H, damp=float(self.params.get("damp", 0.01)), grid=grid)
             # keep a record of what the data-aware search bought over round-to-nearest, per layer
             gains.append(layer_output_error(w, quantize_q4_0(w), H) / max(layer_output_error(w, bq, H), 1e-30))
             model.encodings[n] = bq

@@ -1,0 +1,178 @@
+"""Quantization-aware training, the IQ4_NL codebook and self-generated calibration, on tiny models built in code."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from edgekit.model import BlockCodebook, BlockQuant, Model
+from edgekit.passes import PassContext
+
+
+def seqs(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(0, 3000, length))) for _ in range(n)]
+
+
+def copy_model(m: Model) -> Model:
+    return Model(m.spec, dict(m.tensors), m.tokenizer, m.name, dict(m.encodings))
+
+
+def kld_to(reference: Model, model: Model, windows: list[list[int]]) -> float:
+    from edgekit.architectures.torch_decoder import DecoderNet
+    from edgekit.qat import kld
+
+    ref, net = DecoderNet(reference).eval(), DecoderNet(model, effective=True).eval()
+    with torch.inference_mode():
+        ids = torch.tensor(windows)
+        return float(kld(net(ids), torch.log_softmax(ref(ids), -1)))
+
+
+def test_grids_round_to_their_own_values():
+    from edgekit.qat import GRIDS, IQ4_NL_LEVELS
+
+    x = torch.tensor([-200.0, -127.0, -116.0, -115.0, 0.0, 6.9, 7.1, 112.0, 500.0])
+    nl = GRIDS["nl4"]
+    v = nl.values(nl.codes(x.clamp(-127, 113)))
+    levels = torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)
+    want = levels[(x.clamp(-127, 113)[:, None] - levels[None, :]).abs().argmin(1)]
+    assert torch.equal(v, want)
+    i4 = GRIDS["int4"]
+    assert i4.codes(torch.tensor([-9.0, -7.6, 0.4, 6.6, 9.0])).tolist() == [-8, -8, 0, 7, 7]
+    assert GRIDS["ternary"].block_for(576) == 64 and GRIDS["ternary"].block_for(1536) == 256
+
+
+@pytest.mark.parametrize("grid", ["int4", "nl4", "ternary"])
+def test_fake_quant_forward_is_what_gets_stored(grid):
+    """The trained forward pass computes exactly the numbers the exporters pack (fp16 scales included)."""
+    from edgekit.qat import GRIDS, FakeQuant
+
+    g = GRIDS[grid]
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(rng.standard_normal((16, 128)).astype(np.float32) * 0.05)
+    block = g.block_for(128)
+    scales = w.reshape(16, -1, block).abs().amax(-1) / (7 if g.levels is None else 113) + 1e-3
+    fq = FakeQuant(g, scales)
+    forward = fq(w).detach().numpy()
+    q, s = fq.stored(w)
+    if g.levels is None:
+        stored = BlockQuant(q, s, g.bits, block).dequantize()
+    else:
+        stored = BlockCodebook(q.astype(np.uint8), s, np.array(g.levels, np.int8), block, g.name_codebook).dequantize()
+    np.testing.assert_array_equal(forward, stored)
+
+
+def test_nl4_beats_int4_on_layer_output_error():
+    """GPTQ on IQ4_NL's denser-near-zero grid loses less than on int4's uniform one, same 4.5 bits."""
+    from edgekit.passes.int4 import gptq_quantize
+    from edgekit.qat import GRIDS
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    x = torch.from_numpy(rng.standard_normal((2048, 256)).astype(np.float32))
+    H = (x.T @ x).double() / len(x)
+
+    def err(enc):
+        d = torch.from_numpy((w - enc.dequantize()).astype(np.float64))
+        return float(((d @ H) * d).sum())
+
+    nl = gptq_quantize(w, H, grid=GRIDS["nl4"])
+    assert isinstance(nl, BlockCodebook) and nl.bits_per_weight == 4.5
+    assert err(nl) < 0.9 * err(gptq_quantize(w, H))
+
+
+def test_qat_lowers_kld_below_its_post_training_start():
+    """Both stages together beat GPTQ (where QAT starts) on windows the training never saw."""
+    from edgekit.passes.int4 import Int4Pass
+    from edgekit.passes.qat import QATPass
+
+    ref = tiny_model(seed=5)
+    calib = seqs(12, 128, seed=1)
+    held_out = seqs(4, 64, seed=2)
+    ctx = PassContext(calibration_tokens=lambda: calib, reference=ref)
+    ptq = copy_model(ref)
+    Int4Pass().apply(ptq, ctx)
+    trained = copy_model(ref)
+    rec = QATPass(window=64, epochs=4.0, e2e_steps=30, lr_e2e=1e-3).apply(trained, ctx)
+    for n in trained.linear_names():
+        enc = trained.encodings[n]
+        assert isinstance(enc, BlockQuant) and enc.block_size == 32
+        assert enc.bits == (8 if n == trained.output_head_name() else 4)
+    assert rec["blockwise"]["layers"] == 2 and rec["end_to_end"]["val_kld_after"] <= rec["end_to_end"]["val_kld_before"]
+    before, after = kld_to(ref, ptq, held_out), kld_to(ref, trained, held_out)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_ternary_qat_beats_post_training_ternary():
+    from edgekit.passes.qat import QATPass
+    from edgekit.passes.ternary import TernaryPass
+
+    ref = tiny_model(seed=6)
+    calib = seqs(12, 128, seed=3)
+    ctx = PassContext(calibration_tokens=lambda: calib, reference=ref)
+    ptq = copy_model(ref)
+    TernaryPass().apply(ptq, ctx)
+    trained = copy_model(ref)
+    QATPass(grid="ternary", window=64, epochs=6.0, e2e_steps=20).apply(trained, ctx)
+    assert {int(v) for n in trained.linear_names() if n != trained.output_head_name()
+            for v in np.unique(trained.encodings[n].q)} <= {-1, 0, 1}
+    held_out = seqs(4, 64, seed=4)
+    assert kld_to(ref, trained, held_out) < 0.7 * kld_to(ref, ptq, held_out)
+
+
+def test_nl4_gguf_holds_the_codebook_bit_for_bit(tmp_path):
+    """IQ4_NL blocks written by edgekit read back through gguf's own dequantizer exactly, and llama.cpp runs them."""
+    from edgekit.converters.gguf import GGUFExporter
+    from edgekit.converters.gguf_layout import read_gguf_model
+    from edgekit.passes.nl4 import NL4Pass
+    from edgekit.reference import TorchReference
+    from edgekit.runtimes.llamacpp import LlamaCppSession
+
+    m = tiny_model(seed=7)
+    NL4Pass().apply(m, PassContext(calibration_tokens=lambda: seqs(4, 64, 1)))
+    assert isinstance(m.encodings["layers.0.attn.q.weight"], BlockCodebook)
+    GGUFExporter().export(m, tmp_path)
+    back = read_gguf_model(tmp_path / "model.gguf")
+    for n in m.linear_names():
+        assert np.array_equal(back.tensors[n], m.effective_weight(n)), n
+    ids = list(range(100, 164))
+    eff = copy.copy(m)
+    eff.tensors = {n: m.effective_weight(n) for n in m.tensors}
+    eff.encodings = {}
+    want = TorchReference(eff).logits(ids)
+    with LlamaCppSession(tmp_path / "model.gguf", n_ctx=128) as s:
+        got = s.logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 3e-2
+
+
+def test_codebook_grid_refused_by_onnx_before_any_work(tmp_path):
+    from edgekit.errors import EdgekitError
+    from edgekit.pipeline import ConvertRequest, convert
+    from edgekit import recipes
+
+    for recipe in (recipes.from_flags("nl4"), recipes.from_flags("qat", storage_params={"grid": "nl4"})):
+        with pytest.raises(EdgekitError, match="uniform integer grids.*--format gguf"):
+            convert(ConvertRequest(None, "onnx", None, tmp_path / "x", recipe=recipe))
+    assert not (tmp_path / "x").exists()
+
+
+def test_calibration_mixes_text_with_cached_float_model_samples(tmp_path, monkeypatch):
+    from edgekit import calibration as cal
+    from tiny_archs import save_hf_dir
+    from edgekit.sources import resolve
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    save_hf_dir("llama", tmp_path / "m")
+    src = resolve(str(tmp_path / "m"))
+    s = cal.GenerationSettings(samples=3, new_tokens=16)
+    first = cal.generated_sequences(src, s)
+    assert len(first) == 3 and all(len(x) > 16 for x in first)
+    assert list(cal.cache_dir("calibration").glob("*.json"))
+    assert cal.generated_sequences(src, s) == first  # the cache, seeded
+    assert cal.generated_sequences(src, cal.GenerationSettings(samples=3, new_tokens=16, seed=1)) != first
+    mixed = cal.mix([[1], [2]], [[10], [20], [30]])
+    assert mixed == [[1], [10], [2], [20], [30]]
