@@ -35,7 +35,7 @@ def convert(
     calib_text: Optional[Path] = typer.Option(None, help="Calibration text for data-aware passes "
                                               "(default: shipped text, disjoint from the evaluation text)."),
     calib_tokens: int = typer.Option(4096, help="Calibration tokens for data-aware passes."),
-    calib_generated: int = typer.Option(4096, help="Tokens of text the float model writes itself, mixed into the "
+    calib_generated: int = typer.Option(12288, help="Tokens of text the float model writes itself, mixed into the "
                                         "calibration set (seeded, cached; 0: the calibration text alone)."),
     qat_grid: Optional[str] = typer.Option(None, help="With --quant qat: int4 (Q4_0, default), nl4 (IQ4_NL, GGUF), "
                                            "int8, int2 or ternary."),

@@ -32,7 +32,7 @@ class Texts:
     calib_tokens: int = 4096
     eval_tokens: int = 4096
     # tokens of text the float model writes itself, mixed into the calibration set (0: the text alone)
-    calib_generated: int = 4096
+    calib_generated: int = 12288
     calibration_info: dict[str, Any] = field(default_factory=dict)
 
 

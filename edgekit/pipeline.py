@@ -44,7 +44,7 @@ class ConvertRequest:
     eval_text: str | None = None
     calib_text: str | None = None
     calib_tokens: int = 4096
-    calib_generated: int = 4096  # tokens the float model writes itself for calibration (edgekit.calibration)
+    calib_generated: int = 12288  # tokens the float model writes itself for calibration (edgekit.calibration)
     eval_tokens: int = 4096
     # overrides of the storage pass's tolerance, e.g. {"kld_mean": 0.1}
     tolerance: dict[str, float] | None = None

@@ -69,7 +69,8 @@ class Grid:
         """Forward: the nearest grid value; backward: identity inside the grid's range, zero outside (LSQ)."""
         lo, hi = (self.qmin, self.qmax) if self.levels is None else (self.levels[0], self.levels[-1])
         xc = torch.clamp(x, lo, hi)
-        return xc + (self.values(self.codes(xc)) - xc).detach()
+        # value + (x - x): exactly the grid value forward (x + (v - x) may be an ulp off), x's gradient
+        return self.values(self.codes(xc.detach())) + (xc - xc.detach())
 
 
 GRIDS = {
@@ -84,7 +85,7 @@ GRIDS = {
 def _half_ste(s: torch.Tensor) -> torch.Tensor:
     """Rounded to fp16 (as stored) in the forward pass, identity for the gradient; never exactly zero."""
     s = torch.where(s.abs() < 1e-8, torch.full_like(s, 1e-8), s)
-    return s + (s.half().float() - s).detach()
+    return s.detach().half().float() + (s - s.detach())
 
 
 class FakeQuant:
@@ -185,10 +186,9 @@ def blockwise(net, teacher, quants: dict[str, FakeQuant], train: list[list[int]]
         scales = [quants[n].scale for n in names if n in quants]
         start = [p.detach().clone() for p in weights + scales]
 
-        def val_error() -> float:
+        def val_error(blk=blk, x_q=x_q, y_fp=y_fp) -> float:
             with torch.no_grad():
-                out = net.block_forward(blk, x_q[n_t:], tables, {})
-                return float(F.mse_loss(out, y_fp[n_t:]))
+                return float(F.mse_loss(net.block_forward(blk, x_q[n_t:], tables, {}), y_fp[n_t:]))
 
         for p in weights + scales:
             p.requires_grad_(True)

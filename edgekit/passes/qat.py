@@ -31,7 +31,7 @@ from edgekit.model import BlockQuant, Model
 from edgekit.passes import Pass, PassContext, is_output_head
 
 # Defaults sized for the embedded 135M model to finish within ~15 minutes on a 2-core CPU.
-DEFAULTS: dict[str, Any] = {"grid": "int4", "window": 256, "epochs": 4.0, "e2e_steps": 100, "lr_weights": 5e-5,
+DEFAULTS: dict[str, Any] = {"grid": "int4", "window": 256, "epochs": 2.0, "e2e_steps": 100, "lr_weights": 5e-5,
                             "lr_scales": 5e-4, "lr_e2e": 2e-5, "batch": 4}
 # ternary moves far from its start: more block-wise training, a higher rate
 TERNARY_DEFAULTS: dict[str, Any] = {"epochs": 8.0, "lr_weights": 1e-4, "lr_scales": 1e-3, "e2e_steps": 200, "lr_e2e": 1e-4}
@@ -100,7 +100,6 @@ class QATPass(Pass):
         teacher_model = ctx.reference if ctx.reference is not None else model
         teacher = DecoderNet(teacher_model).eval().to(device)
         student = DecoderNet(model).to(device)  # the model as earlier (structural) passes left it
-        head = model.output_head_name()
         quants: dict[str, qat.FakeQuant] = {}
         latent_float = grid_name == "ternary"
         with torch.no_grad():
