@@ -69,6 +69,8 @@ bench: setup
 	$(PY) benchmarks/bench_recipes.py --out out/bench-recipes
 	$(PY) benchmarks/bench_architectures.py
 	$(PY) benchmarks/bench_serve.py --out out/bench-serve
+	# builds llama.cpp's llama-imatrix / llama-quantize from the pinned sdist first (~25 min once)
+	$(PY) benchmarks/bench_quality.py --out out/bench-quality
 
 clean:
 	rm -rf out build dist *.egg-info

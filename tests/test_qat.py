@@ -103,6 +103,7 @@ def _student(ref: Model, factor: float):
     return net, quants
 
 
+@pytest.mark.slow
 def test_blockwise_training_recovers_from_bad_step_sizes():
     """Step sizes 40% too large cost layer error; block-wise training must win part of it back."""
     from edgekit.architectures.torch_decoder import DecoderNet
@@ -134,6 +135,7 @@ def test_end_to_end_trains_step_sizes_and_keeps_the_best_state():
     assert got == pytest.approx(rec["val_kld_after"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_qat_pass_stores_int4_blocks_that_compute_what_it_trained():
     from edgekit.passes.qat import QATPass
 
@@ -153,6 +155,7 @@ def test_qat_pass_stores_int4_blocks_that_compute_what_it_trained():
     assert kld_to(ref, trained, val) == pytest.approx(rec["end_to_end"]["val_kld_after"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_ternary_qat_beats_post_training_ternary():
     from edgekit.passes.qat import QATPass
     from edgekit.passes.ternary import TernaryPass
