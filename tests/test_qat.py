@@ -211,6 +211,8 @@ def test_codebook_grid_refused_by_onnx_before_any_work(tmp_path):
             convert(ConvertRequest(None, "onnx", None, tmp_path / "x", recipe=recipe))
         assert "--format gguf" in exc.value.one_line() and "\n" not in exc.value.one_line()
     assert not (tmp_path / "x").exists()
+    with pytest.raises(EdgekitError, match="qat grid 'int3' is not one of"):
+        convert(ConvertRequest(None, "gguf", None, tmp_path / "x", recipe=recipes.from_flags("qat", storage_params={"grid": "int3"})))
 
 
 def test_calibration_mixes_text_with_cached_float_model_samples(tmp_path, monkeypatch):

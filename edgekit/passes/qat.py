@@ -48,6 +48,14 @@ class QATPass(Pass):
     param_types = {"grid": str, "window": int, "epochs": float, "e2e_steps": int, "lr_weights": float,
                    "lr_scales": float, "lr_e2e": float, "batch": int, "tokens": int}
 
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        grid = params.get("grid", DEFAULTS["grid"])
+        if grid not in GRID_NAMES:
+            from edgekit.errors import InputError
+
+            raise InputError(f"qat grid '{grid}' is not one of {', '.join(GRID_NAMES)}", "pick one with --qat-grid")
+
     def setting(self, key: str) -> Any:
         grid = self.params.get("grid", DEFAULTS["grid"])
         if key in self.params:
@@ -59,8 +67,7 @@ class QATPass(Pass):
     def grid_codebook(self) -> str | None:
         from edgekit.qat import GRIDS
 
-        grid = self.params.get("grid", "int4")
-        return GRIDS[grid].name_codebook or None if grid in GRIDS else None
+        return GRIDS[self.params.get("grid", "int4")].name_codebook or None
 
     def warnings(self, record: dict[str, Any], quality: dict[str, Any]) -> list[str]:
         from edgekit.passes.ternary import BROKEN_KLD
@@ -79,8 +86,6 @@ class QATPass(Pass):
         from edgekit.architectures.torch_decoder import DecoderNet, set_threads
 
         grid_name = self.setting("grid")
-        if grid_name not in GRID_NAMES:
-            raise ValueError(f"qat grid '{grid_name}' is not one of {', '.join(GRID_NAMES)}")
         if ctx.calibration_tokens is None:
             raise ValueError("qat needs calibration tokens")
         grid = qat.GRIDS[grid_name]
