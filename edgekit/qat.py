@@ -130,11 +130,6 @@ class FakeQuant:
 # ---------------------------------------------------------------------------- data
 
 
-def windows_of(sequences: list[list[int]], window: int) -> list[list[int]]:
-    flat = [t for s in sequences for t in s]
-    return [flat[i : i + window] for i in range(0, len(flat) - window + 1, window)]
-
-
 def split_validation(wins: list[list[int]], fraction: float = 0.125, seed: int = 0) -> tuple[list, list]:
     """(train, held-in validation): a few windows of the same calibration set kept out of training."""
     rng = np.random.default_rng(seed)

@@ -107,7 +107,8 @@ def _student(ref: Model, factor: float):
 def test_blockwise_training_recovers_from_bad_step_sizes():
     """Step sizes 40% too large cost layer error; block-wise training must win part of it back."""
     from edgekit.architectures.torch_decoder import DecoderNet
-    from edgekit.qat import blockwise, split_validation, windows_of
+    from edgekit.passes.recovery import recovery_windows as windows_of
+    from edgekit.qat import blockwise, split_validation
 
     ref = tiny_model(seed=5)
     train, val = split_validation(windows_of(seqs(16, 128, seed=1), 64))
@@ -119,7 +120,8 @@ def test_blockwise_training_recovers_from_bad_step_sizes():
 
 def test_end_to_end_trains_step_sizes_and_keeps_the_best_state():
     from edgekit.architectures.torch_decoder import DecoderNet
-    from edgekit.qat import end_to_end, kld, split_validation, teacher_logprobs, windows_of
+    from edgekit.passes.recovery import recovery_windows as windows_of
+    from edgekit.qat import end_to_end, kld, split_validation, teacher_logprobs
 
     ref = tiny_model(seed=5)
     train, val = split_validation(windows_of(seqs(16, 128, seed=1), 64))
@@ -149,7 +151,8 @@ def test_qat_pass_stores_int4_blocks_that_compute_what_it_trained():
         assert isinstance(enc, BlockQuant) and enc.block_size == 32
         assert enc.bits == (8 if n == trained.output_head_name() else 4)
     assert rec["blockwise"]["layers"] == 2 and rec["grid"] == "int4" and rec["init"].startswith("post-training")
-    from edgekit.qat import split_validation, windows_of
+    from edgekit.passes.recovery import recovery_windows as windows_of
+    from edgekit.qat import split_validation
 
     _, val = split_validation(windows_of(calib, 64))
     assert kld_to(ref, trained, val) == pytest.approx(rec["end_to_end"]["val_kld_after"], rel=1e-3)

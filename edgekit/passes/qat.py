@@ -95,7 +95,9 @@ class QATPass(Pass):
         seqs = ctx.calibration_tokens()
         init = self._post_training(model, ctx, grid_name)
         window = int(self.setting("window"))
-        wins = qat.windows_of(seqs, window)
+        from edgekit.passes.recovery import recovery_windows
+
+        wins = recovery_windows(seqs, window)
         if self.setting("tokens"):
             wins = wins[: max(2, int(self.setting("tokens")) // window)]
         if len(wins) < 2:
