@@ -44,7 +44,7 @@ demo: setup
 
 # `make test` stays under 30 minutes; `make test-slow` runs the cases marked slow (CI runs both)
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=25
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -59,6 +59,22 @@ PROMPTS = (
 )
 
 
+DEFAULT_TOKENS = 12288
+ENV_VAR = "EDGEKIT_CALIB_GENERATED"
+
+
+def default_tokens() -> int:
+    """Generated calibration tokens when a conversion does not say: ``$EDGEKIT_CALIB_GENERATED`` or 12,288."""
+    import os
+
+    try:
+        return max(0, int(os.environ.get(ENV_VAR, DEFAULT_TOKENS)))
+    except ValueError:
+        from edgekit.errors import InputError
+
+        raise InputError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a whole number of tokens", "unset it or give a number") from None
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     samples: int = 32

@@ -35,8 +35,9 @@ def convert(
     calib_text: Optional[Path] = typer.Option(None, help="Calibration text for data-aware passes "
                                               "(default: shipped text, disjoint from the evaluation text)."),
     calib_tokens: int = typer.Option(4096, help="Calibration tokens for data-aware passes."),
-    calib_generated: int = typer.Option(12288, help="Tokens of text the float model writes itself, mixed into the "
-                                        "calibration set (seeded, cached; 0: the calibration text alone)."),
+    calib_generated: Optional[int] = typer.Option(None, help="Tokens of text the float model writes itself, mixed into "
+                                                  "the calibration set (seeded, cached; 0: the calibration text alone; "
+                                                  "default $EDGEKIT_CALIB_GENERATED or 12288)."),
     qat_grid: Optional[str] = typer.Option(None, help="With --quant qat: int4 (Q4_0, default), nl4 (IQ4_NL, GGUF), "
                                            "int8, int2 or ternary."),
     qat_tokens: Optional[int] = typer.Option(None, help="With --quant qat: calibration tokens each training stage uses."),

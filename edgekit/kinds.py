@@ -32,8 +32,14 @@ class Texts:
     calib_tokens: int = 4096
     eval_tokens: int = 4096
     # tokens of text the float model writes itself, mixed into the calibration set (0: the text alone)
-    calib_generated: int = 12288
+    calib_generated: int = field(default_factory=lambda: _default_generated())
     calibration_info: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_generated() -> int:
+    from edgekit.calibration import default_tokens
+
+    return default_tokens()
 
 
 class DecoderKind:

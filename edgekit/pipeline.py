@@ -44,7 +44,8 @@ class ConvertRequest:
     eval_text: str | None = None
     calib_text: str | None = None
     calib_tokens: int = 4096
-    calib_generated: int = 12288  # tokens the float model writes itself for calibration (edgekit.calibration)
+    # tokens the float model writes itself for calibration (edgekit.calibration; default $EDGEKIT_CALIB_GENERATED or 12288)
+    calib_generated: int | None = None
     eval_tokens: int = 4096
     # overrides of the storage pass's tolerance, e.g. {"kld_mean": 0.1}
     tolerance: dict[str, float] | None = None
@@ -74,7 +75,10 @@ def convert(request: ConvertRequest) -> dict[str, Any]:
     r.log(f"reading {source.path.name} ({source.model_kind}; float reference)")
     reference = load_reference(source, r.progress)
     timings["reference_s"] = time.perf_counter() - t0
-    texts = Texts(r.eval_text, r.calib_text, r.calib_tokens, r.eval_tokens, r.calib_generated)
+    from edgekit.calibration import default_tokens
+
+    generated = default_tokens() if r.calib_generated is None else r.calib_generated
+    texts = Texts(r.eval_text, r.calib_text, r.calib_tokens, r.eval_tokens, generated)
     kind = KINDS[source.model_kind](source, texts)
 
     the_plan = None

@@ -234,3 +234,17 @@ def test_calibration_mixes_text_with_cached_float_model_samples(tmp_path, monkey
     assert cal.generated_sequences(src, cal.GenerationSettings(samples=3, new_tokens=16, seed=1)) != first
     mixed = cal.mix([[1], [2]], [[10], [20], [30]])
     assert mixed == [[1], [10], [2], [20], [30]]
+
+
+def test_generated_calibration_default_comes_from_the_environment(monkeypatch):
+    from edgekit import calibration as cal
+    from edgekit.errors import InputError
+    from edgekit.kinds import Texts
+
+    monkeypatch.delenv(cal.ENV_VAR, raising=False)
+    assert cal.default_tokens() == cal.DEFAULT_TOKENS == 12288
+    monkeypatch.setenv(cal.ENV_VAR, "2048")
+    assert cal.default_tokens() == 2048 and Texts(None, None).calib_generated == 2048
+    monkeypatch.setenv(cal.ENV_VAR, "lots")
+    with pytest.raises(InputError, match="EDGEKIT_CALIB_GENERATED"):
+        cal.default_tokens()

@@ -246,15 +246,23 @@ def _metric(base: str, name: str) -> float:
 
 def test_a_full_queue_answers_429_with_retry_after(server_b):
     c = openai.OpenAI(base_url=server_b + "/v1", api_key="unused", max_retries=0, timeout=120)
-    ask = lambda: c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Tell a story."}],  # noqa: E731
-                                            max_tokens=60, temperature=0)
+    ask = lambda n: c.chat.completions.create(  # noqa: E731
+        model="smollm2", messages=[{"role": "user", "content": "Count from 1 to 500, one number per line."}],
+        max_tokens=n, temperature=0)
+    gauge = lambda name: _metric(server_b, name + "{")  # noqa: E731
     with ThreadPoolExecutor(2) as ex:
-        running = ex.submit(ask)
-        time.sleep(0.5)  # it occupies the only session
-        waiting = ex.submit(ask)
-        time.sleep(0.3)  # it fills the queue of one
+        # wait for each state itself (one generating, then one queued) instead of guessing it with sleeps
+        running = ex.submit(ask, 200)
+        deadline = time.monotonic() + 60
+        while gauge("edgekit_running") != 1:
+            assert time.monotonic() < deadline and not running.done(), "the first request never ran"
+            time.sleep(0.05)
+        waiting = ex.submit(ask, 8)
+        while gauge("edgekit_queue_depth") != 1:
+            assert time.monotonic() < deadline and not running.done(), "the second request never queued"
+            time.sleep(0.05)
         with pytest.raises(openai.RateLimitError) as e:
-            ask()
+            ask(8)
         assert int(e.value.response.headers["retry-after"]) >= 1
         assert running.result().choices[0].message.content and waiting.result().choices[0].message.content
 
