@@ -106,9 +106,9 @@ def generated_sequences(source, settings: GenerationSettings, progress: Callable
     sample = _llamacpp_sampler if source.gguf_file is not None else _transformers_sampler
     prompts = [PROMPTS[k % len(PROMPTS)] for k in range(settings.samples)]
     seqs = sample(source, prompts, settings, progress)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings.__dict__, "sequences": seqs}))
-    tmp.replace(path)
+    from edgekit.atomic import write_atomic
+
+    write_atomic(path, json.dumps({"settings": settings.__dict__, "sequences": seqs}))
     return seqs
 
 

@@ -132,6 +132,8 @@ def profile(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory the session may use, e.g. 2GiB "
                                              "(default: what the machine has available)."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Skip the memory-fit guard."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip comparing the files' sha256 with the manifest "
+                                   "(sizes are still compared)."),
 ) -> None:
     """Measure load time, TTFT, prefill and decode speed, peak memory, size and quality on this machine."""
     from edgekit.harness.speed import SpeedConfig
@@ -143,7 +145,7 @@ def profile(
         result = run_profile(artifact, str(eval_text) if eval_text else None, reference, cfg, quality=not no_quality,
                              progress=progress, targets=list(target), context=context, prompt_tokens=prompt_tokens,
                              cloud_url=cloud_url, profile_dirs=list(profiles_dir) or None,
-                             check_memory=not no_memory_check, max_memory=max_memory)
+                             check_memory=not no_memory_check, max_memory=max_memory, verify=not no_verify)
     if json_out:
         print(json.dumps(result, indent=2))
         return
@@ -246,13 +248,27 @@ def serve(
     no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Skip the memory-fit guard."),
     name: List[str] = typer.Option([], "--name", help="Model id for the artifact in the same position (repeatable)."),
     insecure: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip comparing the files' sha256 with their manifests "
+                                   "(sizes are still compared)."),
 ) -> None:
     """Serve artifacts behind an OpenAI-compatible API (chat, completions, embeddings, metrics)."""
     from edgekit.serve import ServeConfig, announce
     from edgekit.serve import serve as run_server
 
     run_server(ServeConfig(list(artifacts), host, port, api_key, parallel, queue, n_ctx, threads, max_tokens, max_body,
-                           max_memory, not no_memory_check, insecure, list(name)), ready=announce)
+                           max_memory, not no_memory_check, insecure, list(name), verify=not no_verify), ready=announce)
+
+
+@app.command()
+def verify(
+    artifacts: List[Path] = typer.Argument(..., help="Artifact directories (from `edgekit convert`)."),
+) -> None:
+    """Check that each artifact's files are the ones its manifest describes (sizes and sha256)."""
+    from edgekit.verify import verify as run_verify
+
+    for a in artifacts:
+        r = run_verify(a)
+        print(f"{r['path']}: {r['files']} files, {r['bytes']} bytes, match manifest.json (sha256)")
 
 
 @app.command("recipes")

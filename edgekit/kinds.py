@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgekit.errors import EdgekitError, ValidationError
+from edgekit.errors import EdgekitError, InputError, ValidationError
 from edgekit.harness.quality import EvalConfig, read_text
 
 # after structural passes: |KLD(artifact) - KLD(torch, same numbers)| <= ABS + REL * KLD(torch)
@@ -190,10 +190,14 @@ def source_tokenizer(source) -> Callable[[str], list[int]]:
         return LlamaCppSession(source.gguf_file, vocab_only=True).tokenize
     from tokenizers import Tokenizer
 
-    if (source.path / "tokenizer.json").exists():
-        tok = Tokenizer.from_file(str(source.path / "tokenizer.json"))
-    else:  # only a SentencePiece tokenizer.model: transformers builds the fast tokenizer from it
-        from transformers import AutoTokenizer
+    try:
+        if (source.path / "tokenizer.json").exists():
+            tok = Tokenizer.from_file(str(source.path / "tokenizer.json"))
+        else:  # only a SentencePiece tokenizer.model: transformers builds the fast tokenizer from it
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(source.path), use_fast=True).backend_tokenizer
+            tok = AutoTokenizer.from_pretrained(str(source.path), use_fast=True).backend_tokenizer
+    except Exception as exc:  # tokenizers reports what is wrong with the file, as a plain Exception
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"the tokenizer of {source.path} cannot be read ({why})", "re-save it with transformers") from None
     return lambda text: tok.encode(text, add_special_tokens=False).ids

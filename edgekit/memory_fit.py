@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import mmap
 import re
 import struct
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import InputError, MemoryFitError
+from edgekit.formats.gguf_header import GGUFHeader
 
 MB = 10**6
 MiB = 1 << 20
@@ -201,7 +201,7 @@ def _read(file: Path, rt) -> _Model:
     header = None
     if rt.format == "gguf" and getattr(rt.facts, "__func__", None) is Runtime.facts.__func__:
         try:  # the built-in facts, from a header read in milliseconds instead of gguf's reader's seconds
-            header = _GGUFHeader(file)
+            header = GGUFHeader(file)
         except (OSError, ValueError, KeyError, struct.error):
             header = None  # gguf's reader decides what is wrong with it
     if header is not None:
@@ -276,111 +276,6 @@ def _heads(file: Path, facts, header) -> float:
         head_dim = int(CONFIG.read(file, "decoder")["head_dim"])
         return facts.attn_flops_per_token_per_ctx / (4 * head_dim * int(facts.extra["num_layers"]))
     return (facts.hidden_size or 0) / 64
-
-
-# ---------------------------------------------------------------- a fast GGUF header
-
-
-class _Field:
-    """The part of gguf's ReaderField that :func:`edgekit.targets.facts.gguf_facts` reads."""
-
-    def __init__(self, value: Any, count: int = 1):
-        self._value, self.data = value, range(count)
-
-    def contents(self) -> Any:
-        return self._value
-
-
-@dataclass
-class _Tensor:
-    name: str
-    tensor_type: Any  # gguf.GGMLQuantizationType
-    shape: list[int]  # as stored (innermost first), like gguf's ReaderTensor
-    n_elements: int
-    n_bytes: int
-
-
-class _GGUFHeader:
-    """A GGUF's metadata and tensor table, read with struct in tens of milliseconds. gguf's GGUFReader
-    builds a numpy view per vocabulary string (about 4 s for SmolLM2 on 2 cores): too slow before every load.
-    Long string arrays (the vocabulary, merges) keep only their length. Any surprise raises ValueError."""
-
-    _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-    def __init__(self, path: Path):
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            if m[:4] != b"GGUF":
-                raise ValueError("not a GGUF")
-            version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
-            if version not in (2, 3):  # version 1 and big-endian files go through gguf's reader
-                raise ValueError(f"GGUF version {version}")
-            self._m, self._off = m, 24
-            self.fields = {}
-            for _ in range(n_kv):
-                key = self._string().decode("utf-8")
-                self.fields[key] = self._value(self._u("I"))
-            self.tensors, offsets = [], []
-            for _ in range(n_tensors):
-                name = self._string().decode("utf-8")
-                dims = [self._u("Q") for _ in range(self._u("I"))]
-                typ = GGMLQuantizationType(self._u("I"))
-                offsets.append(self._u("Q"))
-                n = 1
-                for d in dims:
-                    n *= d
-                block, nbytes = GGML_QUANT_SIZES[typ]
-                self.tensors.append(_Tensor(name, typ, dims, n, n * nbytes // block))
-            align = int(self.value("general.alignment", 32) or 32)
-            data = -(-self._off // align) * align
-            if any(data + o + t.n_bytes > len(m) for o, t in zip(offsets, self.tensors)):
-                raise ValueError("a tensor runs past the end of the file")
-            del self._m
-
-    def _u(self, fmt: str) -> Any:
-        (v,) = struct.unpack_from("<" + fmt, self._m, self._off)
-        self._off += struct.calcsize(fmt)
-        return v
-
-    def _string(self) -> bytes:
-        n = self._u("Q")
-        if self._off + n > len(self._m):
-            raise ValueError("a string runs past the end of the file")
-        s = self._m[self._off : self._off + n]
-        self._off += n
-        return s
-
-    def _value(self, typ: int) -> _Field:
-        if typ == 8:
-            return _Field(self._string().decode("utf-8", errors="replace"))
-        if typ == 9:
-            item, count = self._u("I"), self._u("Q")
-            if item == 8:
-                if count <= 64:  # short string lists are kept; the vocabulary and merges are stepped over
-                    return _Field([self._string().decode("utf-8", errors="replace") for _ in range(count)], count)
-                m, off = self._m, self._off
-                for _ in range(count):
-                    off += 8 + struct.unpack_from("<Q", m, off)[0]
-                if off > len(m):
-                    raise ValueError("an array runs past the end of the file")
-                self._off = off
-                return _Field(None, count)
-            fmt = self._SCALARS[item]
-            size = struct.calcsize(fmt)
-            if self._off + size * count > len(self._m):
-                raise ValueError("an array runs past the end of the file")
-            values = list(struct.unpack_from(f"<{count}{fmt}", self._m, self._off)) if count <= 65536 else None
-            self._off += size * count
-            return _Field(values, count)
-        return _Field(self._u(self._SCALARS[typ]))
-
-    def get_field(self, key: str) -> _Field | None:
-        return self.fields.get(key)
-
-    def value(self, key: str, default: Any = None) -> Any:
-        f = self.fields.get(key)
-        return default if f is None else f.contents()
 
 
 # ---------------------------------------------------------------- what is available, and the check

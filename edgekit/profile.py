@@ -210,7 +210,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
             progress: Callable[[str, int, int], None] = lambda d, a, b: None, targets: list[str] = (),
             context: int | None = None, prompt_tokens: int | None = None, cloud_url: str | None = None,
             profile_dirs: list[str] | None = None, check_memory: bool = True,
-            max_memory: int | str | None = None) -> dict[str, Any]:
+            max_memory: int | str | None = None, verify: bool = True) -> dict[str, Any]:
     """Measure ``artifact`` (see the module docstring). ``check_memory`` / ``max_memory``: the memory-fit guard of
     :func:`edgekit.load`, run here before anything is measured (the measuring child then opens without it, so
     load times exclude the guard's reads); the quality pass's own loads are guarded the same way."""
@@ -218,7 +218,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
     from edgekit.session import runtime_of
 
     speed_cfg = speed_cfg or SpeedConfig()
-    file, runtime, manifest = resolve_artifact(artifact)
+    file, runtime, manifest = resolve_artifact(artifact, verify)  # a tampered artifact is not measured
     rt = runtime_of(file, runtime)
     kind = rt.kind(file)
     why = rt.unavailable_reason()
@@ -292,14 +292,16 @@ def save_profile_result(file: Path, result: dict[str, Any]) -> None:
 
     import time
 
-    _profile_cache(file).write_text(json.dumps(result | {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    from edgekit.atomic import write_atomic
+
+    write_atomic(_profile_cache(file), json.dumps(result | {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
 
 
 def load_profile_result(file: Path) -> dict[str, Any] | None:
-    import json
+    from edgekit.atomic import read_json_or_none
 
-    path = _profile_cache(file)
-    return json.loads(path.read_text()) if path.exists() else None
+    result = read_json_or_none(_profile_cache(file))
+    return result if isinstance(result, dict) else None
 
 
 def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, prompt_tokens, profiles,

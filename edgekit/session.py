@@ -10,14 +10,19 @@ from edgekit.manifest import read_manifest
 from edgekit.registry import RUNTIMES
 
 
-def resolve_artifact(path: str | Path) -> tuple[Path, str | None, dict | None]:
-    """(model file, runtime name or None, manifest or None) for a directory or a file."""
+def resolve_artifact(path: str | Path, verify: bool = False) -> tuple[Path, str | None, dict | None]:
+    """(model file, runtime name or None, manifest or None) for a directory or a file. An artifact directory's
+    files are checked against its manifest: their sizes always, their sha256 with ``verify``
+    (:mod:`edgekit.verify`)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{p} does not exist", "pass an artifact directory written by `edgekit convert` or a model file")
     if p.is_dir() and runtime_for(p) is None:  # a directory that is itself a model (.mlpackage) is a file here
         manifest = read_manifest(p)
         if manifest:
+            from edgekit.verify import check_files
+
+            check_files(p, manifest, deep=verify)
             art = manifest["artifact"]
             return p / art["file"], art.get("runtime"), manifest
         candidates = [c for c in sorted(p.iterdir()) if runtime_for(c) is not None]
@@ -52,7 +57,7 @@ def artifact_kind(path: str | Path) -> str:
 
 
 def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = True,
-         max_memory: int | str | None = None, **options: Any):
+         max_memory: int | str | None = None, verify: bool = False, **options: Any):
     """Open the artifact at ``path`` (directory or model file) with ``runtime`` (default: the one its manifest
     or suffix names); ``options`` go to the session (``n_ctx``, ``n_threads``, ``vocab_only``, ...).
 
@@ -62,8 +67,11 @@ def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = T
     default: the memory available now). ``check_memory=False`` skips it; so do ``vocab_only=True`` (no weights
     or cache), a runtime that cannot run here and an artifact whose facts cannot be read (the runtime's own
     open then reports what is wrong). A ``max_memory`` that is not a size is an :class:`InputError`.
+
+    An artifact directory's files must have the sizes its manifest lists; ``verify=True`` compares their
+    sha256 too (a flipped byte is refused in one line; digests are remembered per path, size and mtime).
     """
-    file, named, _ = resolve_artifact(path)
+    file, named, _ = resolve_artifact(path, verify)
     rt = RUNTIMES.get(runtime) if runtime else runtime_of(file, named)
     if check_memory and not options.get("vocab_only"):
         from edgekit.memory_fit import guard

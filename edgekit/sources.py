@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,16 +106,26 @@ def load_reference(source: Source, progress=None):
 
     cdir = cache_dir("reference", f"{source.sha256[:20]}-v{CACHE_LAYOUT}")
     meta_path, weights_path = cdir / "meta.json", cdir / "model.safetensors"
-    if meta_path.exists() and weights_path.exists():
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(weights_path))
-        return Model(DecoderSpec(**meta["spec"]), tensors, meta["tokenizer"], meta["name"])
+    from edgekit.atomic import read_json_or_none, write_atomic
+
+    meta = read_json_or_none(meta_path) if weights_path.exists() else None
+    if meta is not None:  # the meta is written last, so with it the weights are complete
+        try:
+            return Model(DecoderSpec(**meta["spec"]), load_file(str(weights_path)), meta["tokenizer"], meta["name"])
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the source
+            pass
+    meta_path.unlink(missing_ok=True)
     model = _read_source(source, progress)
-    tmp = weights_path.with_suffix(".tmp")
-    save_file(model.tensors, str(tmp))
-    tmp.replace(weights_path)
+    tmp = weights_path.parent / f".{weights_path.name}.tmp-{os.getpid()}"
+    try:
+        save_file(model.tensors, str(tmp))
+        os.replace(tmp, weights_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write the reference cache {weights_path} ({exc.strerror or exc})",
+                         "free some disk space, or point EDGEKIT_CACHE elsewhere") from None
     meta = {"spec": model.spec.to_dict(), "tokenizer": model.tokenizer, "name": model.name, "source": source.describe()}
-    meta_path.write_text(json.dumps(meta))
+    write_atomic(meta_path, json.dumps(meta))
     return model
 
 
@@ -171,13 +182,22 @@ def read_hf_dir(path: Path) -> Model:
         raise InputError(f"{path / 'config.json'}: {_reason(exc)}", "fix or re-save the model") from None
     hf: dict[str, np.ndarray] = {}
     for file in sorted(path.glob("*.safetensors")):
-        # framework="pt" reads bf16 too, which numpy cannot represent
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                hf[key] = f.get_tensor(key).float().numpy()
+        try:  # framework="pt" reads bf16 too, which numpy cannot represent
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    hf[key] = f.get_tensor(key).float().numpy()
+        except Exception as exc:  # safetensors checks the header and offsets itself; its errors name the problem
+            raise InputError(f"{file} is not a valid safetensors file ({_reason(exc)})", "re-save the model") from None
     try:
         tensors = arch.sanitize(hf, spec)
     except KeyError as exc:
         raise InputError(f"{path.name}: missing tensor {exc.args[0]}", "the checkpoint is incomplete") from None
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in tensors.items()}
-    return Model(spec, tensors, hf_tokenizer_to_gguf(path, spec.vocab_size), name=path.name)
+    try:
+        tokenizer = hf_tokenizer_to_gguf(path, spec.vocab_size)
+    except EdgekitError:
+        raise
+    except Exception as exc:  # a malformed tokenizer.json / tokenizer_config.json / tokenizer.model
+        raise InputError(f"the tokenizer files of {path} cannot be read ({_reason(exc)})",
+                         "re-save the tokenizer with transformers") from None
+    return Model(spec, tensors, tokenizer, name=path.name)

@@ -8,10 +8,24 @@ is opened, so listing runtimes stays cheap.
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 if TYPE_CHECKING:  # importing the package must stay free of heavy dependencies
     import numpy as np
+
+
+def render_template(path: str, render: Callable[[], str]) -> str:
+    """Run ``render`` (a chat template, always in a sandboxed Jinja environment): the template is data from the
+    artifact, so anything it raises (a syntax error, an undefined name, a sandbox refusal, a range or recursion
+    too deep) is the artifact's problem: one InputError, not a traceback from inside Jinja."""
+    try:
+        return render()
+    except Exception as exc:
+        from edgekit.errors import InputError
+
+        why = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise InputError(f"the chat template of {path} does not render ({type(exc).__name__}{': ' + why if why else ''})",
+                         "generate without it (chat=False, `edgekit run --raw`) or fix the template") from None
 
 
 class Session(Protocol):

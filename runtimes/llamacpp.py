@@ -17,7 +17,7 @@ import numpy as np
 
 from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
-from edgekit.runtimes import TextSession
+from edgekit.runtimes import TextSession, render_template
 
 
 _LOG_CALLBACK = None
@@ -58,6 +58,9 @@ class LlamaCppSession(TextSession):
         if not Path(self.path).is_file():
             raise InputError(f"{self.path} does not exist", "check the path")
         self.n_threads = n_threads or default_threads()
+        from edgekit.formats.gguf_header import check
+
+        check(self.path)  # llama.cpp trusts much of the header: a malformed file is refused here, in one line
         try:
             self._llm = llama_cpp.Llama(
                 model_path=self.path, n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
@@ -65,6 +68,11 @@ class LlamaCppSession(TextSession):
             )
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"llama.cpp could not load {self.path} ({exc})", "re-export the model") from None
+        except Exception as exc:  # llama-cpp-python compiles the file's chat templates while it loads
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+            what = "its chat template does not compile" if "jinja2" in type(exc).__module__ else "it failed"
+            raise InputError(f"llama-cpp-python could not open {self.path}: {what} ({why})",
+                             "fix tokenizer.chat_template in the file, or re-export the model") from None
         # llama.cpp rounds its context up to a multiple of 256 but llama-cpp-python's token buffer keeps
         # the asked size: the smaller one is what a prompt may fill
         self.n_ctx = min(self._llm.n_ctx(), int(n_ctx)) if n_ctx else self._llm.n_ctx()
@@ -94,9 +102,13 @@ class LlamaCppSession(TextSession):
         if not template:
             return "\n".join(m["content"] for m in messages)
         tok = self._llm._model
-        fmt = Jinja2ChatFormatter(template, eos_token=tok.token_get_text(self._llm.token_eos()),
-                                  bos_token=tok.token_get_text(self._llm.token_bos()))
-        return fmt(messages=messages).prompt
+
+        def render() -> str:  # llama-cpp-python's formatter renders in Jinja's ImmutableSandboxedEnvironment
+            fmt = Jinja2ChatFormatter(template, eos_token=tok.token_get_text(self._llm.token_eos()),
+                                      bos_token=tok.token_get_text(self._llm.token_bos()))
+            return fmt(messages=messages).prompt
+
+        return render_template(self.path, render)
 
     # ------------------------------------------------------------------ generation
 

@@ -96,10 +96,7 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         # only its I/O binding and KV cache
         self._sess = _shared or open_ort_session(self.path, self.n_threads, graph_optimization_level, enable_profiling,
                                                  profile_prefix)
-        names = {i.name for i in self._sess.get_inputs()}
-        missing = [n for n in cfg["inputs"] if n not in names]
-        if missing:
-            raise InputError(f"{self.path} lacks the decoder inputs {missing[:3]}", "re-export the model with edgekit")
+        self._check_contract(cfg)
         if self.n_ctx > int(cfg["max_position"]):
             self.n_ctx = int(cfg["max_position"])  # the rotary tables end there
         self._ort = ort
@@ -110,6 +107,28 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         self._cache: list[np.ndarray] = []  # past_key_0, past_value_0, past_key_1, ...
         self._cap = 0
         self._logits_rows = 0
+
+    # the element types the session binds (ORT's type strings)
+    _INPUT_TYPES = {"input_ids": "tensor(int64)", "seqlens_k": "tensor(int32)", "total_sequence_length": "tensor(int32)",
+                    "num_logits": "tensor(int64)"}
+
+    def _check_contract(self, cfg: dict) -> None:
+        """The graph must take and give what this session binds, or ORT would fail mid-generation."""
+        hint = "re-export the model with edgekit"
+        inputs = {i.name: i.type for i in self._sess.get_inputs()}
+        missing = [n for n in cfg["inputs"] if n not in inputs]
+        if missing:
+            raise InputError(f"{self.path} lacks the decoder inputs {missing[:3]}", hint)
+        layers = int(cfg["num_layers"])
+        wrong = [f"{n} is {inputs[n]}" for n, t in self._INPUT_TYPES.items() if n in inputs and inputs[n] != t]
+        wrong += [f"{n} is {inputs[n]}" for n in inputs if n.startswith("past_") and inputs[n] != "tensor(float)"]
+        if wrong:
+            raise InputError(f"{self.path}: decoder input {wrong[0]}, not what the session binds", hint)
+        outputs = {o.name for o in self._sess.get_outputs()}
+        want = ["logits"] + [f"present_{k}_{i}" for i in range(layers) for k in ("key", "value")]
+        missing = [n for n in want if n not in outputs]
+        if missing:
+            raise InputError(f"{self.path} lacks the decoder outputs {missing[:3]}", hint)
 
     def _grow(self, total: int) -> None:
         """Make the cache hold ``total`` positions (capacity doubles from 256; old positions copied once)."""
@@ -153,7 +172,11 @@ class OnnxRuntimeSession(TokenizerJsonSession):
             self._logits = np.empty((1, rows, self.n_vocab), dtype=np.float32)
             io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
             self._logits_rows = rows
-        self._sess.run_with_iobinding(io)
+        try:
+            self._sess.run_with_iobinding(io)
+        except Exception as exc:  # the graph opened but does not compute (e.g. an initializer of the wrong shape)
+            why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(f"ONNX Runtime failed running {self.path} ({why})", "re-export the model with edgekit") from None
         self._n_past = total
         return self._logits[0].copy()
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from edgekit.errors import InputError, MissingDependencyError
-from edgekit.runtimes import SessionLifetime, TextSession
+from edgekit.runtimes import SessionLifetime, TextSession, render_template
 
 
 def one_line(exc: BaseException) -> str:
@@ -139,10 +139,10 @@ class TokenizerJsonSession(TextSession):
                                             extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        return env.from_string(template).render(
+        return render_template(self.path, lambda: env.from_string(template).render(
             messages=messages, eos_token=cfg.get("eos_token", ""), bos_token=cfg.get("bos_token", ""),
             add_generation_prompt=True, raise_exception=raise_exception,
-            strftime_now=lambda f: datetime.now().strftime(f))
+            strftime_now=lambda f: datetime.now().strftime(f)))
 
     # ------------------------------------------------------------------ the model (backends)
 

@@ -103,7 +103,7 @@ def test_unknown_quant_and_format(tmp_path):
 def test_run_and_profile_on_corrupt_or_missing_artifacts(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    assert_one_line_error(run_cli("run", str(bad), "hi"), "could not load")
+    assert_one_line_error(run_cli("run", str(bad), "hi"), "not a valid GGUF")
     assert_one_line_error(run_cli("profile", str(tmp_path / "missing")), "does not exist")
 
 

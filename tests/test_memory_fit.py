@@ -103,7 +103,7 @@ def test_unreadable_facts_do_not_block_loading(tmp_path):
     bad.write_bytes(b"not a gguf at all" * 100)
     with pytest.raises(InputError) as exc:  # the runtime's own error, not the guard's
         edgekit.load(bad, max_memory=1)
-    assert not isinstance(exc.value, MemoryFitError) and "llama.cpp could not load" in exc.value.one_line()
+    assert not isinstance(exc.value, MemoryFitError) and "not a valid GGUF" in exc.value.one_line()
 
 
 def test_the_hint_names_a_context_that_really_fits(tiny_gguf):

@@ -190,7 +190,7 @@ def test_bad_reference_is_one_line(gpt2, tmp_path):
                           "--reference", "does not exist")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(gpt2["F32"].read_bytes()[:5000])
-    assert_one_line_error(run_cli("profile", str(gpt2["Q8_0"]), "--reference", str(bad)), "could not load", "bad.gguf")
+    assert_one_line_error(run_cli("profile", str(gpt2["Q8_0"]), "--reference", str(bad)), "not a valid GGUF", "bad.gguf")
     junk = tmp_path / "notes.txt"
     junk.write_text("not a model")
     assert_one_line_error(run_cli("profile", str(gpt2["Q8_0"]), "--reference", str(junk)), "no runtime opens")

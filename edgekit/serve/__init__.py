@@ -33,6 +33,7 @@ class ServeConfig:
     check_memory: bool = True
     allow_remote_without_key: bool = False
     names: list[str] = field(default_factory=list)
+    verify: bool = True  # artifact files against their manifest's sha256 before serving
 
 
 def _is_loopback(host: str) -> bool:
@@ -61,7 +62,7 @@ def open_pools(cfg: ServeConfig, metrics):
         raise InputError("--parallel must be at least 1 and --queue at least 0", "e.g. --parallel 2 --queue 64")
     resolved, names = [], []
     for i, a in enumerate(cfg.artifacts):
-        file, runtime, manifest = resolve_artifact(a)
+        file, runtime, manifest = resolve_artifact(a, cfg.verify)  # a tampered artifact is not served
         rt = runtime_of(file, runtime)
         kind = rt.kind(file)
         name = cfg.names[i] if i < len(cfg.names) else model_name(Path(a), manifest)

@@ -100,10 +100,11 @@ def _cpu_name() -> str | None:
 
 def host_figures(remeasure: bool = False) -> dict[str, Any]:
     path = cache_dir() / "host.json"
-    if path.exists() and not remeasure:
-        figs = json.loads(path.read_text())
-        if "read_bandwidth_bytes_s" in figs:  # older caches lack it: measure again
-            return figs
+    from edgekit.atomic import read_json_or_none, write_atomic
+
+    figs = read_json_or_none(path) if not remeasure else None
+    if isinstance(figs, dict) and "read_bandwidth_bytes_s" in figs:  # older or damaged caches: measure again
+        return figs
     figs = measure_host()
-    path.write_text(json.dumps(figs, indent=2))
+    write_atomic(path, json.dumps(figs, indent=2))
     return figs

@@ -183,11 +183,15 @@ def calibration_path():
 
 def store(key: str, entry: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The stored calibration under ``key`` ("runtime/format", or ".../encoder"); with ``entry``, replace it."""
+    from edgekit.atomic import read_json_or_none, write_atomic
+
     path = calibration_path()
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_json_or_none(path) if path.exists() else {}
+    if not isinstance(data, dict):
+        data = {}  # a damaged store: what it held is measured again by `edgekit calibrate`
     if entry is not None:
         data[key] = entry
-        path.write_text(json.dumps(data, indent=2))
+        write_atomic(path, json.dumps(data, indent=2))
     return data.get(key)
 
 
