@@ -67,10 +67,14 @@ def builtin_names() -> list[str]:
 def check(recipe: Recipe) -> Recipe:
     """Validate pass names, parameters and order; add the default storage pass if none is given."""
     where = f"recipe '{recipe.name}'"
+    if not isinstance(recipe.passes, list) or not all(isinstance(p, dict) for p in recipe.passes):
+        raise InputError(f"{where}: every [[passes]] entry must be a table", "write each pass as a [[passes]] table")
     passes = [dict(p) for p in recipe.passes]
     for p in passes:
         if "pass" not in p:
             raise InputError(f"{where}: a [[passes]] entry has no 'pass' key", "name the pass, e.g. pass = \"prune\"")
+        if not isinstance(p["pass"], str):
+            raise InputError(f"{where}: pass = {p['pass']!r} is not a pass name", "see `edgekit plugins`")
         cls = PASSES.get(p["pass"])
         allowed = getattr(cls, "param_types", {})
         for k, v in p.items():
@@ -84,6 +88,10 @@ def check(recipe: Recipe) -> Recipe:
                 p[k] = v = float(v)
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 raise InputError(f"{where}: {p['pass']}.{k} must be {want.__name__}, not {v!r}", "fix the recipe")
+            bounds = getattr(cls, "param_ranges", {}).get(k)
+            if bounds is not None and not _within(v, *bounds):
+                lo, hi, br = bounds
+                raise InputError(f"{where}: {p['pass']}.{k} must be in {br[0]}{lo:g}, {hi:g}{br[1]}, not {v!r}", "fix the recipe")
     names = [p["pass"] for p in passes]
     structural = [n for n in names if PASSES.get(n).structural]
     storage = [n for n in names if n not in structural]
@@ -99,6 +107,12 @@ def check(recipe: Recipe) -> Recipe:
     if not storage:
         passes.append({"pass": DEFAULT_STORAGE})
     return Recipe(recipe.name, passes, recipe.description)
+
+
+def _within(v: float, lo: float, hi: float, brackets: str) -> bool:
+    low = lo <= v if brackets[0] == "[" else lo < v
+    high = v <= hi if brackets[1] == "]" else v < hi
+    return bool(low and high)  # NaN is within nothing
 
 
 def load(name_or_path: str) -> Recipe:

@@ -39,6 +39,9 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     # the parameters a recipe may set, with their types (anything else in a recipe is an error)
     param_types: ClassVar[dict[str, type]] = {}
+    # the values each parameter may take: (low, high, brackets) with "[]", "[)", "(]" or "()", checked with the
+    # recipe before any model is read (a typo'd fraction fails in one line, not after minutes of work)
+    param_ranges: ClassVar[dict[str, tuple[float, float, str]]] = {}
     # structural passes change shapes; the others only choose how each tensor is stored
     structural: ClassVar[bool] = False
     # where a structural pass stands among the others in a recipe (lower first); storage passes come last

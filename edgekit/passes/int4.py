@@ -128,6 +128,7 @@ class Int4Pass(Pass):
     kinds = frozenset({"decoder", "encoder"})
     tolerance = {"kld_mean": 0.6, "cosine_distance_mean": 0.03, "cosine_distance_worst": 0.15}
     param_types = {"damp": float}
+    param_ranges = {"damp": (0.0, 1.0, "(]")}
     grid_name = "int4"  # the grid of edgekit.qat.GRIDS the numbers land on
 
     def apply(self, model: Model, ctx: PassContext) -> dict:

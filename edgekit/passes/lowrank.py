@@ -86,6 +86,7 @@ class LowRankPass(Pass):
     structural = True
     order = 20  # factorizes what pruning left
     param_types = {"rank": float, "method": str}
+    param_ranges = {"rank": (0.0, 1.0, "()")}
 
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
         from edgekit.architectures.layout import input_key

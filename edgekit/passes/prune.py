@@ -145,6 +145,7 @@ class PrunePass(Pass):
     structural = True
     order = 10  # pruning ranks channels of the full-width model
     param_types = {"mlp": float, "heads": float, "recover": int, "lr": float, "uniform": bool}
+    param_ranges = {"mlp": (0.0, 1.0, "[)"), "heads": (0.0, 1.0, "[)"), "recover": (0, 1_000_000, "[]"), "lr": (0.0, 1.0, "(]")}
 
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
         import torch

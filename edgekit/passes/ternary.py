@@ -60,6 +60,7 @@ class TernaryPass(Pass):
     description = "ternary {-1,0,+1} x absmean block scales (BitNet b1.58), optional distillation with a straight-through estimator; output head Q8_0"
     needs_calibration = False
     param_types = {"recover": int, "lr": float}
+    param_ranges = {"recover": (0, 1_000_000, "[]"), "lr": (0.0, 1.0, "(]")}
     # post-training ternary wrecks an encoder trained in float; it is allowed to show a format holds it
     kinds = frozenset({"decoder", "encoder"})
 

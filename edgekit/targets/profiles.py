@@ -194,7 +194,7 @@ def load_profile(path: str | Path) -> DeviceProfile:
     except OSError as exc:
         raise InputError(f"cannot read device profile {path}: {exc.strerror or exc}",
                          "check the path") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"device profile {path} is not valid TOML: {exc}", "fix the syntax at that line") from None
 
     for k in data:
