@@ -16,7 +16,7 @@ LLAMA := llama-cpp-python==0.3.36
 WHEELHOUSE := $(VENV)/wheelhouse
 LLAMA_WHEEL := $(WHEELHOUSE)/.built-$(subst ==,-,$(LLAMA))
 
-.PHONY: setup demo test test-slow test-fast lint wheel-check bench clean
+.PHONY: setup demo test test-slow test-fast fuzz lint wheel-check bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# the fuzzing suite: >= 1,000 seeded malformed inputs through load / convert / profile / targets; prints the
+# outcome table per input kind and writes benchmarks/results/fuzz.json (about 30 min on 2 cores)
+fuzz: setup
+	$(PY) -m tests.fuzz --cases 1100 --seed 0 --workers 2
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e and not slow"
