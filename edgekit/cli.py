@@ -250,13 +250,14 @@ def serve(
     insecure: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip comparing the files' sha256 with their manifests "
                                    "(sizes are still compared)."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may take to arrive (408 after)."),
 ) -> None:
     """Serve artifacts behind an OpenAI-compatible API (chat, completions, embeddings, metrics)."""
     from edgekit.serve import ServeConfig, announce
     from edgekit.serve import serve as run_server
 
     run_server(ServeConfig(list(artifacts), host, port, api_key, parallel, queue, n_ctx, threads, max_tokens, max_body,
-                           max_memory, not no_memory_check, insecure, list(name), verify=not no_verify), ready=announce)
+                           max_memory, not no_memory_check, insecure, list(name), verify=not no_verify, body_timeout_s=body_timeout), ready=announce)
 
 
 @app.command()

@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     d.mkdir()
     GGUFExporter().export(tiny_model(), d)
     proc, base = _start([str(d / "model.gguf"), "--api-key", KEY, "--parallel", "1", "--queue", "8",
-                         "--max-body-bytes", "65536", "--name", "tiny"], tmp_path_factory.mktemp("logs") / "s.log")
+                         "--max-body-bytes", "65536", "--body-timeout", "2", "--name", "tiny"], tmp_path_factory.mktemp("logs") / "s.log")
     yield proc, base
     _stop(proc)
 
@@ -168,6 +168,10 @@ def test_slow_clients_holding_connections_do_not_block_others(server):
     try:
         _during(base, attack, n_good=4)
         _good(base)  # with all of them still held
+        # the trickling bodies were answered 408 once --body-timeout (2 s) passed
+        for s in held[150:155]:
+            s.settimeout(10)
+            assert b" 408 " in s.recv(4096).split(b"\r\n", 1)[0]
     finally:
         for s in held:
             s.close()

@@ -34,6 +34,7 @@ class ServeConfig:
     allow_remote_without_key: bool = False
     names: list[str] = field(default_factory=list)
     verify: bool = True  # artifact files against their manifest's sha256 before serving
+    body_timeout_s: float = 30.0  # a request body must arrive within this
 
 
 def _is_loopback(host: str) -> bool:
@@ -123,7 +124,8 @@ def serve(cfg: ServeConfig, ready=lambda url, pools: None) -> None:
             raise InputError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})",
                              "pick another --port (0 picks a free one)") from None
         port = sock.getsockname()[1]
-        app = create_app(pools, metrics, key, Limits(cfg.max_tokens, cfg.max_body_bytes))
+        app = create_app(pools, metrics, key, Limits(cfg.max_tokens, cfg.max_body_bytes,
+                                                          body_timeout_s=cfg.body_timeout_s))
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                                 lifespan="off")
         server = uvicorn.Server(config)

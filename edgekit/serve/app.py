@@ -36,6 +36,7 @@ class Limits:
     max_tokens: int = 1024  # per request, whatever the client asks
     max_body_bytes: int = 1 << 20
     max_inputs: int = 256  # texts per embeddings request
+    body_timeout_s: float = 30.0  # a request body must arrive within this (a trickling client is answered 408)
 
 
 class APIError(Exception):
@@ -57,8 +58,8 @@ class BodyLimit:
     in) before the application sees them: the body is read here, at most ``limit`` bytes of it, and
     replayed to the app; later messages (a disconnect) pass through."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -68,8 +69,14 @@ class BodyLimit:
             return await self._refuse(scope, receive, send)
         body, more = [], True
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while more:
-            message = await receive()
+            try:  # a client trickling its body would otherwise hold the connection and its buffer forever
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                resp = _envelope(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                 "invalid_request_error", "request_timeout")
+                return await resp(scope, receive, send)
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             chunk = message.get("body", b"")
@@ -286,7 +293,7 @@ def create_app(pools: list[ModelPool], metrics: ServerMetrics, api_key: str | No
         return {"object": "list", "data": data, "model": pool.name,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
-    return BodyLimit(app, limits.max_body_bytes)
+    return BodyLimit(app, limits.max_body_bytes, limits.body_timeout_s)
 
 
 def _encode(vector: np.ndarray, fmt: str):
