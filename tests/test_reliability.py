@@ -237,3 +237,15 @@ def test_fuzzing_quick_slice_has_no_bad_outcome(tmp_path):
     report = json.loads((tmp_path / "fuzz.json").read_text())
     assert report["cases"] >= 55
     assert proc.returncode == 0, [b for b in report["bad"]] or proc.stderr[-3000:]
+
+
+def test_a_ledger_line_cut_by_a_crash_costs_only_that_line(tmp_path, monkeypatch):
+    from edgekit.targets import plan
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    q = {"kld_mean": 0.1, "top1_agreement": 0.9, "ppl": 10.0, "ref_ppl": 9.0, "text": "edgekit:eval"}
+    plan.record_quality("src", "q8_0", "gguf", q, 100)
+    with open(plan.ledger_path(), "a") as f:
+        f.write('{"source": "src", "quant": "q4_0", "for')  # the process died mid-line
+    plan.record_quality("src", "int4", "gguf", q, 50)
+    assert set(plan.known_quality("src")) == {("q8_0", "gguf"), ("int4", "gguf")}

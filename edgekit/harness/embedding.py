@@ -60,7 +60,10 @@ def reference_embeddings(model, source_id: str, sentences: Sequence[str],
     key = json.dumps([source_id, list(sentences), model.max_length, model.pooling, model.normalize, 1])
     path = cache_dir("embeddings") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
     if path.exists():
-        return np.load(path)
+        try:
+            return np.load(path)  # allow_pickle stays False
+        except Exception:  # noqa: BLE001 - a damaged cache entry is computed again
+            path.unlink(missing_ok=True)
     from edgekit.encoder import EncoderReference, torch_threads
 
     if progress:
@@ -69,9 +72,13 @@ def reference_embeddings(model, source_id: str, sentences: Sequence[str],
         emb = EncoderReference(model).embed(list(sentences))
     if progress:
         progress("float reference embeddings", 1, 1)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, emb)
-    tmp.replace(path)
+    import io
+
+    from edgekit.atomic import write_atomic
+
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    write_atomic(path, buf.getvalue())
     return emb
 
 

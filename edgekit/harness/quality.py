@@ -91,8 +91,11 @@ def reference_stats(reference_id: str, wins: list[list[int]], logits_fn: Callabl
     """Cached reference statistics; ``logits_fn`` (the torch reference) runs only on a cache miss."""
     path = cache_dir("refstats") / f"{stats_key(reference_id, wins, k)}.npz"
     if path.exists():
-        z = np.load(path)
-        return RefStats(z["topk_ids"], z["topk_logp"], z["nll"])
+        try:
+            z = np.load(path)  # npz: arrays only, no pickles
+            return RefStats(z["topk_ids"], z["topk_logp"], z["nll"])
+        except Exception:  # noqa: BLE001 - a damaged cache entry is computed again
+            path.unlink(missing_ok=True)
 
     def gen():
         for i, w in enumerate(wins):
@@ -101,9 +104,13 @@ def reference_stats(reference_id: str, wins: list[list[int]], logits_fn: Callabl
                 progress(i + 1, len(wins))
 
     stats = RefStats.from_logits(gen(), wins, k)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, topk_ids=stats.topk_ids, topk_logp=stats.topk_logp, nll=stats.nll)
-    tmp.replace(path)
+    import io
+
+    from edgekit.atomic import write_atomic
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, topk_ids=stats.topk_ids, topk_logp=stats.topk_logp, nll=stats.nll)
+    write_atomic(path, buf.getvalue())
     return stats
 
 

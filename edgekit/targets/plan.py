@@ -31,10 +31,26 @@ def ledger_path():
 
 
 def record_quality(source_sha: str, quant: str, fmt: str, quality: dict[str, Any], size: int) -> None:
-    with open(ledger_path(), "a") as f:
-        f.write(json.dumps({"source": source_sha, "quant": quant, "format": fmt, "size_bytes": size,
-                            "kld_mean": quality["kld_mean"], "top1_agreement": quality["top1_agreement"],
-                            "ppl": quality["ppl"], "ref_ppl": quality["ref_ppl"], "text": quality.get("text")}) + "\n")
+    """Append one line (one write, flushed): a crash can cut only that line short, and the next append starts on a
+    fresh line so the cut one stays the only damaged record (readers skip it)."""
+    import os
+
+    line = json.dumps({"source": source_sha, "quant": quant, "format": fmt, "size_bytes": size,
+                       "kld_mean": quality["kld_mean"], "top1_agreement": quality["top1_agreement"],
+                       "ppl": quality["ppl"], "ref_ppl": quality["ref_ppl"], "text": quality.get("text")}) + "\n"
+    path = ledger_path()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size_now = os.fstat(fd).st_size
+        if size_now:
+            with open(path, "rb") as f:
+                f.seek(size_now - 1)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def known_quality(source_sha: str) -> dict[tuple[str, str], dict[str, Any]]:
@@ -45,7 +61,7 @@ def known_quality(source_sha: str) -> dict[tuple[str, str], dict[str, Any]]:
                 e = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if e["source"] != source_sha:
+            if not isinstance(e, dict) or e.get("source") != source_sha or "quant" not in e or "format" not in e:
                 continue
             key = (e["quant"], e["format"])
             # figures on the shipped text compare recipes on equal terms: they win over others;
