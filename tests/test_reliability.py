@@ -249,3 +249,36 @@ def test_a_ledger_line_cut_by_a_crash_costs_only_that_line(tmp_path, monkeypatch
         f.write('{"source": "src", "quant": "q4_0", "for')  # the process died mid-line
     plan.record_quality("src", "int4", "gguf", q, 50)
     assert set(plan.known_quality("src")) == {("q8_0", "gguf"), ("int4", "gguf")}
+
+
+def test_the_gguf_check_passes_good_files(tiny_src, artifact):
+    from edgekit.formats.gguf_header import check
+    from edgekit.sources import default_model_path
+
+    for f in (default_model_path(), tiny_src, artifact / "model.gguf"):
+        h = check(f)
+        assert h.tensors and h.value("general.architecture") == "llama"
+
+
+@pytest.mark.parametrize("role,key,value,words", [
+    ("kv.value", "llama.block_count", (1 << 32) - 2, "block_count"),  # aborted llama.cpp (SIGABRT)
+    ("kv.value", "llama.context_length", 1 << 31, "context_length"),  # a Python error inside llama-cpp-python
+    ("tensor.type", "output_norm.weight", 1, "not F32"),  # F16 norm: aborted llama.cpp
+    ("tensor.offset", "blk.1.ffn_down.weight", 1 << 40, "past the end"),
+    ("kv.count", "tokenizer.ggml.tokens", 1 << 60, "past the end"),
+    ("header.n_kv", "", 1 << 50, "more than the file holds"),
+    ("tensor.dim", "token_embd.weight", 0, "dimension 0"),
+])
+def test_the_gguf_check_refuses_what_llama_cpp_trusts(tiny_src, tmp_path, role, key, value, words):
+    import edgekit
+    from tests.fuzz.mutate import gguf_layout
+
+    lay = gguf_layout(str(tiny_src))
+    part = next(p for p in lay.parts if p.role == role and p.key == key)
+    data = bytearray(tiny_src.read_bytes())
+    data[part.offset : part.offset + part.size] = (value & ((1 << (8 * part.size)) - 1)).to_bytes(part.size, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=words) as exc:
+        edgekit.load(bad)
+    assert "not a valid GGUF" in exc.value.one_line() and "\n" not in exc.value.one_line()

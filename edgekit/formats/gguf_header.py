@@ -191,9 +191,9 @@ def _hparams(h: GGUFHeader) -> None:
         v = f.contents()
         if key.startswith(arch + ".") and isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= INT32_MAX:
             raise ValueError(f"{key} is {v}")
-    for name in _POSITIVE:
+    for name in _POSITIVE:  # scalars only: some architectures give per-layer arrays, where 0 can be meant
         v = h.value(f"{arch}.{name}")
-        if v is not None and (not isinstance(v, int) or v <= 0):
+        if v is not None and not isinstance(v, list) and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ValueError(f"{arch}.{name} is {v!r}")
     layers = {int(m.group(1)) for t in h.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
     blocks = h.value(f"{arch}.block_count")
