@@ -230,12 +230,12 @@ def test_no_pickle_torch_load_or_remote_code_on_user_files():
 
 
 def test_fuzzing_quick_slice_has_no_bad_outcome(tmp_path):
-    """About 60 seeded cases over every input kind (the full run is `make fuzz`)."""
-    proc = subprocess.run([sys.executable, "-m", "tests.fuzz", "--cases", "60", "--seed", "7", "--seeds",
+    """About 40 seeded cases over every input kind (the full run is `make fuzz`)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.fuzz", "--cases", "40", "--seed", "7", "--seeds",
                            str(tmp_path / "seeds"), "--json", str(tmp_path / "fuzz.json"), "--failures",
                            str(tmp_path / "failures")], cwd=REPO, capture_output=True, text=True, timeout=1500)
     report = json.loads((tmp_path / "fuzz.json").read_text())
-    assert report["cases"] >= 55
+    assert report["cases"] >= 40 and len(report["table"]) == 12  # every kind, and the total
     assert proc.returncode == 0, [b for b in report["bad"]] or proc.stderr[-3000:]
 
 
