@@ -27,9 +27,20 @@ def main() -> int:
     a = ap.parse_args()
     replay = [(k, int(i)) for k, i in (r.rsplit(":", 1) for r in a.replay)] if a.replay else None
     t0 = time.monotonic()
+
+    def write(results, final: bool = False) -> dict:
+        counts = table(results)
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"seed": a.seed, "cases": len(results), "seconds": round(time.monotonic() - t0, 1),
+                                      "complete": final, "table": counts,
+                                      "bad": [r.__dict__ for r in results if r.outcome != "good"],
+                                      "cases_run": [r.__dict__ for r in results]}, indent=2))
+        return counts
+
     with tempfile.TemporaryDirectory(prefix="edgekit-fuzz-") as work:
-        results = run(a.cases, a.seed, a.seeds.resolve(), Path(work), a.workers, a.only, replay, a.failures.resolve())
-    counts = table(results)
+        results = run(a.cases, a.seed, a.seeds.resolve(), Path(work), a.workers, a.only, replay, a.failures.resolve(),
+                      checkpoint=write)
+    counts = write(results, final=True)
     from rich.console import Console
     from rich.table import Table
 
@@ -42,10 +53,6 @@ def main() -> int:
         t.add_row(kind, *(str(row[c]) for c in ("cases", *OUTCOMES)), f"{sum(secs) / max(1, len(secs)):.1f}",
                   end_section=kind == list(counts)[-2])
     Console(width=160).print(t)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps({"seed": a.seed, "cases": len(results), "seconds": round(time.monotonic() - t0, 1),
-                                  "table": counts, "bad": [r.__dict__ for r in results if r.outcome != "good"],
-                                  "cases_run": [r.__dict__ for r in results]}, indent=2))
     return 1 if any(counts["total"][b] for b in BAD) else 0
 
 

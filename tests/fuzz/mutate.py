@@ -187,6 +187,7 @@ def gguf(rng: random.Random, path: Path) -> tuple[bytes, str]:
 
 # ---------------------------------------------------------------- JSON / TOML trees
 
+DEEP = "__edgekit_fuzz_deep__"
 HOSTILE_STRINGS = ["", "../../etc/passwd", "/etc/passwd", "..", ".", "model.gguf\0.txt", "x" * 100000, "\u202e",
                    "manifest.json", "../manifest.json", "C:\\Windows\\win.ini", "nan", "-1", "1e309", "llama",
                    "onnxruntime", "llamacpp", "coreml", "gguf", "\udcff"]
@@ -237,12 +238,10 @@ def tree(rng: random.Random, doc: Any, allow_nonfinite: bool = True, weights: di
         if isinstance(target, dict):
             target[rng.choice(["extra", "unknown_key", "__class__", "passes", "file"])] = _random_value(rng, None)
         return doc, f"add key near {where}"
-    if op == "deep":
-        v: Any = 0
-        for _ in range(rng.choice([50, 5000, 100000])):
-            v = [v]
-        parent[key] = v
-        return doc, f"deep nesting at {where}"
+    if op == "deep":  # written as text by json_text: a Python object this deep would not serialize
+        depth = rng.choice([50, 5000, 100000])
+        parent[key] = f"{DEEP}{depth}"
+        return doc, f"nesting {depth} deep at {where}"
     if op == "swap_type":
         cur = parent[key]
         parent[key] = (str(cur) if not isinstance(cur, str) else rng.choice([0, [cur], {"v": cur}]))
@@ -265,11 +264,12 @@ def json_text(rng: random.Random, text: str) -> tuple[bytes, str]:
         i = text.find('"', 1)
         j = text.find(",", i)
         return (text[: j + 1] + text[1 : j + 1] + text[j + 1 :]).encode() if i > 0 and j > 0 else text.encode(), "duplicate key"
+    import re
+
     doc, what = tree(rng, json.loads(text))
-    try:
-        return json.dumps(doc).encode("utf-8", errors="surrogatepass"), what
-    except (ValueError, RecursionError):
-        return json.dumps(doc, check_circular=False).encode(), what
+    out = json.dumps(doc)
+    out = re.sub(f'"{DEEP}(\\d+)"', lambda m: "[" * int(m.group(1)) + "0" + "]" * int(m.group(1)), out)
+    return out.encode("utf-8", errors="surrogatepass"), what
 
 
 def toml_text(rng: random.Random, text: str) -> tuple[bytes, str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tests.fuzz import cases as C
 
-OUTCOMES = ("good", "traceback", "unclean", "signal", "hang", "half-written", "escaped")
+OUTCOMES = ("good", "traceback", "unclean", "signal", "hang", "half-written", "escaped", "harness")
 BAD = OUTCOMES[1:]
 
 
@@ -131,7 +131,8 @@ def classify(case: C.Case, status: int | None, text: str) -> tuple[str, str]:
 
 
 def run(total: int, seed: int, seeds: Path, work: Path, workers: int = 2, only: list[str] | None = None,
-        replay: list[tuple[str, int]] | None = None, failures: Path | None = None, log=print) -> list[Result]:
+        replay: list[tuple[str, int]] | None = None, failures: Path | None = None,
+        log=lambda s: print(s, flush=True), checkpoint=None) -> list[Result]:
     from tests.fuzz.seeds import build
 
     if not (seeds / ".seeds-done").exists():  # built in a child: torch and the runtimes run there, not here
@@ -142,6 +143,9 @@ def run(total: int, seed: int, seeds: Path, work: Path, workers: int = 2, only: 
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     todo = list(replay) if replay else C.plan(total, only)
+    if not replay:  # kinds interleaved, so a run cut short still covers every kind
+        per_kind = Counter(k for k, _ in todo)
+        todo.sort(key=lambda ki: (ki[1] / per_kind[ki[0]], ki[0]))
     running: dict[int, tuple[C.Case, Path, float, float]] = {}
     results: list[Result] = []
 
@@ -164,11 +168,18 @@ def run(total: int, seed: int, seeds: Path, work: Path, workers: int = 2, only: 
                                                             "what": case.what, "argv": case.argv, "action": case.action,
                                                             "outcome": outcome, "detail": detail}, indent=2))
         shutil.rmtree(logf.parent, ignore_errors=True)
+        if checkpoint is not None and len(results) % 25 == 0:
+            checkpoint(results)
 
     while todo or running:
         while todo and len(running) < workers:
             kind, index = todo.pop(0)
-            case = C.make(kind, index, seed, seeds, work)
+            try:
+                case = C.make(kind, index, seed, seeds, work)
+            except Exception as exc:  # a bug of the fuzzer itself: counted (as bad), not fatal to the run
+                results.append(Result(kind, index, "making the case", "harness", 0.0, f"{type(exc).__name__}: {exc}"[:300]))
+                log(f"  BAD harness: {kind}:{index}: {type(exc).__name__}: {exc}"[:400])
+                continue
             logf = work / f"{kind}-{index}" / "output.log"
             pid = os.fork()
             if pid == 0:
