@@ -39,15 +39,22 @@ def open_reader(path: Path):
     """Open a GGUF file with gguf's reader, turning any parse failure into one clear error."""
     import gguf
 
+    from edgekit.formats.gguf_header import check
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"model file {path} does not exist", "check the path")
+    check(path)  # counts, lengths, types and bounds, before gguf's reader trusts them
     try:
         reader = gguf.GGUFReader(path)
         size = path.stat().st_size
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
                 raise ValueError(f"tensor {t.name} runs past the end of the file")
+        for f in reader.fields.values():  # GGUF strings are UTF-8; gguf decodes them only when read, strictly
+            if f.types and f.types[-1] == gguf.GGUFValueType.STRING:
+                for i in f.data:
+                    bytes(f.parts[i]).decode("utf-8")
     except InputError:
         raise
     except Exception as exc:  # gguf raises ValueError, IndexError, struct errors... on bad bytes

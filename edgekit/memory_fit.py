@@ -38,14 +38,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import struct
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import InputError, MemoryFitError
-from edgekit.formats.gguf_header import GGUFHeader
 
 MB = 10**6
 MiB = 1 << 20
@@ -200,10 +198,11 @@ def _read(file: Path, rt) -> _Model:
     kind = rt.kind(file)
     header = None
     if rt.format == "gguf" and getattr(rt.facts, "__func__", None) is Runtime.facts.__func__:
-        try:  # the built-in facts, from a header read in milliseconds instead of gguf's reader's seconds
-            header = GGUFHeader(file)
-        except (OSError, ValueError, KeyError, struct.error):
-            header = None  # gguf's reader decides what is wrong with it
+        from edgekit.formats.gguf_header import check
+
+        # the built-in facts, from a header read in milliseconds instead of gguf's reader's seconds; a malformed
+        # one (a block count of 2^31 would have the estimate allocate per-layer lists of that length) is refused
+        header = check(file)
     if header is not None:
         from edgekit.targets.facts import gguf_facts
 

@@ -251,7 +251,9 @@ def test_the_fast_header_reads_what_ggufs_reader_reads(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    header = memory_fit._GGUFHeader(path)
+    from edgekit.formats.gguf_header import GGUFHeader
+
+    header = GGUFHeader(path)
     assert gguf_facts(path, reader=header) == gguf_facts(path)
     assert header.value("llama.attention.head_count") == [4, 2] and header.get_field("tokenizer.ggml.tokens").data == range(300)
     est = memory_fit.estimate(path, n_ctx=256)
