@@ -92,6 +92,10 @@ def check(recipe: Recipe) -> Recipe:
             if bounds is not None and not _within(v, *bounds):
                 lo, hi, br = bounds
                 raise InputError(f"{where}: {p['pass']}.{k} must be in {br[0]}{lo:g}, {hi:g}{br[1]}, not {v!r}", "fix the recipe")
+    for p in passes:
+        problem = PASSES.get(p["pass"]).params_problem({k: v for k, v in p.items() if k != "pass"})
+        if problem:
+            raise InputError(f"{where}: {problem}", "fix the recipe")
     names = [p["pass"] for p in passes]
     structural = [n for n in names if PASSES.get(n).structural]
     storage = [n for n in names if n not in structural]

@@ -42,6 +42,11 @@ class Pass:
     # the values each parameter may take: (low, high, brackets) with "[]", "[)", "(]" or "()", checked with the
     # recipe before any model is read (a typo'd fraction fails in one line, not after minutes of work)
     param_ranges: ClassVar[dict[str, tuple[float, float, str]]] = {}
+
+    @classmethod
+    def params_problem(cls, params: dict[str, Any]) -> str | None:
+        """What is wrong with ``params`` taken together (each one already has its type and range), or None."""
+        return None
     # structural passes change shapes; the others only choose how each tensor is stored
     structural: ClassVar[bool] = False
     # where a structural pass stands among the others in a recipe (lower first); storage passes come last

@@ -147,6 +147,12 @@ class PrunePass(Pass):
     param_types = {"mlp": float, "heads": float, "recover": int, "lr": float, "uniform": bool}
     param_ranges = {"mlp": (0.0, 1.0, "[)"), "heads": (0.0, 1.0, "[)"), "recover": (0, 1_000_000, "[]"), "lr": (0.0, 1.0, "(]")}
 
+    @classmethod
+    def params_problem(cls, params: dict[str, Any]) -> str | None:
+        if not params.get("mlp") and not params.get("heads"):
+            return "prune needs mlp and/or heads above 0 (the fractions of MLP channels / heads to remove)"
+        return None
+
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
         import torch
 
