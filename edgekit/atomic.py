@@ -129,5 +129,5 @@ def read_json_or_none(path: Path):
 
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None

@@ -101,7 +101,7 @@ def generated_sequences(source, settings: GenerationSettings, progress: Callable
     if path.exists():
         try:
             return [list(map(int, s)) for s in json.loads(path.read_text())["sequences"]]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass  # a damaged cache entry is regenerated
     sample = _llamacpp_sampler if source.gguf_file is not None else _transformers_sampler
     prompts = [PROMPTS[k % len(PROMPTS)] for k in range(settings.samples)]

@@ -59,7 +59,7 @@ def is_encoder(model: str | os.PathLike | None) -> bool:
     cfg = Path(model).expanduser() / "config.json"
     try:
         return json.loads(cfg.read_text()).get("model_type") in _encoder_model_types()
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False
 
 
@@ -192,7 +192,7 @@ class EncoderModel(EncodedTensors):
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InputError(f"{path} is missing or not valid JSON ({exc.__class__.__name__})", "fix or re-save the model") from None
 
 

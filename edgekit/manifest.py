@@ -82,7 +82,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     hint = "re-export the artifact with `edgekit convert`"
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InputError(f"{path} is not valid JSON ({type(exc).__name__})", hint) from None
     if not isinstance(data, dict):
         raise InputError(f"{path} is not a JSON object", hint)

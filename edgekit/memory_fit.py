@@ -239,7 +239,7 @@ def _read_onnx_light(file: Path, rt, kind: str, predict) -> _Model:
     if manifest.is_file():
         try:
             quant = (json.loads(manifest.read_text()).get("recipe") or {}).get("quant")
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             quant = None
     typ = _ONNX_QUANT_TYPE.get(str(quant), max(ORT_LOADED, key=ORT_LOADED.get))  # unknown: the largest copy
     if kind == "encoder":
@@ -308,10 +308,10 @@ def _cgroup_room() -> int | None:
             try:
                 stat = dict(line.split()[:2] for line in (d / "memory.stat").read_text().splitlines())
                 used -= int(stat.get("inactive_file", 0))
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 pass
             return max(0, int(limit) - used)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
     return None
 

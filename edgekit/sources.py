@@ -148,7 +148,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
     try:
         raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:  # ValueError: JSON errors and bytes that are not UTF-8
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON errors and bytes that are not UTF-8
         raise InputError(f"{path / 'config.json'} is not valid JSON ({type(exc).__name__})", "fix or re-save the model") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path / 'config.json'} is not a JSON object", "fix or re-save the model")

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import MissingDependencyError, UnsupportedArchitectureError
+from edgekit.errors import InputError, MissingDependencyError, UnsupportedArchitectureError
 
 SUPPORTED = ("byte-level BPE (pre-tokenizers: gpt2, smollm, llama-bpe, qwen2) and SentencePiece BPE with byte "
              "fallback (tokenizer.model, or a Llama/Gemma-style tokenizer.json)")
@@ -153,6 +153,16 @@ def _special_keys(model_dir: Path, n_tokens: int, load_merges: bool) -> dict[str
     return out
 
 
+def _check_ids(model_dir: Path, id_to_tok: dict, vocab_size: int) -> None:
+    """Token ids index the embedding: each must be a whole number below the vocabulary's size (a stray
+    10^20 would have the token list padded to that length)."""
+    limit = max(vocab_size, len(id_to_tok))
+    for i, t in id_to_tok.items():
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < limit:
+            raise InputError(f"{model_dir / 'tokenizer.json'}: token {str(t)[:40]!r} has id {i!r}, outside 0..{limit - 1}",
+                             "re-save the tokenizer with transformers")
+
+
 def _bytelevel_to_gguf(model_dir: Path, tok: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     model = tok["model"]
     pre = detect_pre_tokenizer(tok.get("pre_tokenizer"))
@@ -164,6 +174,7 @@ def _bytelevel_to_gguf(model_dir: Path, tok: dict[str, Any], vocab_size: int) ->
     for added in tok.get("added_tokens", []):
         id_to_tok[added["id"]] = added["content"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    _check_ids(model_dir, id_to_tok, vocab_size)
     tokens, token_types = [], []
     for i in range(max(vocab_size, len(id_to_tok), max(id_to_tok, default=-1) + 1)):
         tokens.append(id_to_tok.get(i, f"[PAD{i}]"))
@@ -311,6 +322,7 @@ def _spm_json_to_gguf(model_dir: Path, tok: dict[str, Any], vocab_size: int) -> 
     model = tok["model"]
     vocab: dict[str, int] = model["vocab"]
     id_to_tok = {i: t for t, i in vocab.items()}
+    _check_ids(model_dir, id_to_tok, vocab_size)
     n = max(vocab_size, max(id_to_tok) + 1)
     tokens = [id_to_tok.get(i, f"[PAD{i}]") for i in range(n)]
     scores = [0.0 if i in id_to_tok else -10000.0 for i in range(n)]

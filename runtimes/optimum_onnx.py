@@ -54,7 +54,7 @@ def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
         if not required:
             return {}
         raise InputError(f"{path} is missing", EXPORT_HINT) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InputError(f"{path} is unreadable ({_one_line(exc)})", EXPORT_HINT) from None
     if not isinstance(data, dict):
         raise InputError(f"{path} is not a JSON object", EXPORT_HINT)

@@ -30,7 +30,7 @@ class ConfigSchema:
         (opening the decoder then reports what is wrong with it in one line)."""
         try:
             return self.kind_of(json.loads(self.path(model_file).read_text())) or "decoder"
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, RecursionError, AttributeError):
             return "decoder"
 
     def read(self, model_file: Path, kind: str) -> dict[str, Any]:
@@ -38,7 +38,7 @@ class ConfigSchema:
         path = self.path(model_file)
         try:
             config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise InputError(f"{path} is missing or unreadable ({type(exc).__name__})",
                              "re-export the artifact with `edgekit convert`") from None
         if not isinstance(config, dict):

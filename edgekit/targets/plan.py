@@ -59,7 +59,7 @@ def known_quality(source_sha: str) -> dict[tuple[str, str], dict[str, Any]]:
         for line in ledger_path().read_text().splitlines():
             try:
                 e = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             if not isinstance(e, dict) or e.get("source") != source_sha or "quant" not in e or "format" not in e:
                 continue
