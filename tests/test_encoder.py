@@ -187,9 +187,11 @@ def test_bad_inputs_one_line(tiny_int8, tiny_bert, tmp_path):
     shutil.copytree(tiny_int8, broken)
     data = (broken / "model.onnx").read_bytes()
     (broken / "model.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="could not load"):
+    with pytest.raises(InputError, match="its manifest says"):  # the directory: sizes against the manifest
         edgekit.load(broken)
-    r = run_cli("profile", str(broken), "--no-quality", "--reps", "1")
+    with pytest.raises(InputError, match="could not load"):  # the file itself: ONNX Runtime's own refusal
+        edgekit.load(broken / "model.onnx")
+    r = run_cli("profile", str(broken / "model.onnx"), "--no-quality", "--reps", "1")
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "could not load" in errors[0], r.stderr
     assert "Traceback" not in r.stderr

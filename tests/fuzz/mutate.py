@@ -9,6 +9,7 @@ import random
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def gguf_layout(path: str) -> GGUFLayout:
     for f in list(r.fields.values()):
         off = f.offset
         sizes = [int(p.nbytes) for p in f.parts]
-        starts = [off + sum(sizes[:k]) for k in range(len(sizes))]
+        starts = [off + s for s in accumulate([0] + sizes[:-1])]
         stop = off + sum(sizes)
         end = max(end, stop)
         if f.name.startswith("GGUF."):
@@ -91,7 +92,7 @@ def gguf_layout(path: str) -> GGUFLayout:
     for t in r.tensors:
         f = t.field
         sizes = [int(p.nbytes) for p in f.parts]
-        starts = [f.offset + sum(sizes[:k]) for k in range(len(sizes))]
+        starts = [f.offset + s for s in accumulate([0] + sizes[:-1])]
         end = max(end, f.offset + sum(sizes))
         parts.append(Part(starts[0], 8, "tensor.name_len", t.name))
         parts.append(Part(starts[2], 4, "tensor.n_dims", t.name))
