@@ -50,7 +50,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 # the fuzzing suite: >= 1,000 seeded malformed inputs through load / convert / profile / targets; prints the
-# outcome table per input kind and writes benchmarks/results/fuzz.json (about 30 min on 2 cores)
+# outcome table per input kind and writes benchmarks/results/fuzz.json (16 min on 2 cores here)
 fuzz: setup
 	$(PY) -m tests.fuzz --cases 1100 --seed 0 --workers 2
 
