@@ -134,18 +134,36 @@ def profile(
     no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Skip the memory-fit guard."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip comparing the files' sha256 with the manifest "
                                    "(sizes are still compared)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="Measure on a device running `edgekit agent`: "
+                                         "a name from `edgekit devices add`, or the agent's URL."),
+    token: Optional[str] = typer.Option(None, "--token", help="With --device URL: the agent's token "
+                                        "(default: $EDGEKIT_AGENT_TOKEN, or the one `edgekit devices add` stored)."),
+    n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="With --device: llama.cpp layers to offload "
+                                               "to the device's GPU (-1: all)."),
 ) -> None:
-    """Measure load time, TTFT, prefill and decode speed, peak memory, size and quality on this machine."""
+    """Measure load time, TTFT, prefill and decode speed, peak memory, size and quality on this machine or a device."""
     from edgekit.harness.speed import SpeedConfig
     from edgekit.profile import profile as run_profile
     from edgekit.progress import progress_bars
 
+    if (token or n_gpu_layers is not None) and not device:
+        raise typer.BadParameter("--token / --n-gpu-layers go with --device")
+    if device and (no_verify or cloud_url or no_memory_check or max_memory or context):
+        raise typer.BadParameter("--no-verify, --cloud-url, --max-memory, --no-memory-check and --context are for local profiles")
     with progress_bars(not json_out) as progress:
         cfg = SpeedConfig(reps=reps, decode_tokens=decode_tokens, **({"prompt_tokens": prompt_tokens} if prompt_tokens else {}))
-        result = run_profile(artifact, str(eval_text) if eval_text else None, reference, cfg, quality=not no_quality,
-                             progress=progress, targets=list(target), context=context, prompt_tokens=prompt_tokens,
-                             cloud_url=cloud_url, profile_dirs=list(profiles_dir) or None,
-                             check_memory=not no_memory_check, max_memory=max_memory, verify=not no_verify)
+        if device:
+            from edgekit.agent.remote import profile_on_device
+
+            result = profile_on_device(artifact, device, token, str(eval_text) if eval_text else None, reference, cfg,
+                                       quality=not no_quality, progress=progress, targets=list(target),
+                                       profile_dirs=list(profiles_dir) or None,
+                                       backend={"n_gpu_layers": n_gpu_layers} if n_gpu_layers is not None else None)
+        else:
+            result = run_profile(artifact, str(eval_text) if eval_text else None, reference, cfg, quality=not no_quality,
+                                 progress=progress, targets=list(target), context=context, prompt_tokens=prompt_tokens,
+                                 cloud_url=cloud_url, profile_dirs=list(profiles_dir) or None,
+                                 check_memory=not no_memory_check, max_memory=max_memory, verify=not no_verify)
     if json_out:
         print(json.dumps(result, indent=2))
         return
@@ -171,12 +189,34 @@ def calibrate(
     artifacts: List[Path] = typer.Argument(None, help="Artifacts to measure (default: the embedded model at f16, q8_0, q4_0)."),
     remeasure_host: bool = typer.Option(False, "--remeasure-host", help="Measure this machine's bandwidth and matmul throughput again."),
     json_out: bool = typer.Option(False, "--json"),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="Calibrate a device running `edgekit agent` (name or "
+                                         "URL): writes a measured device profile named after it."),
+    token: Optional[str] = typer.Option(None, "--token", help="With --device URL: the agent's token."),
 ) -> None:
-    """Measure artifacts here and fit the predictor's efficiency factors per runtime and format."""
+    """Measure artifacts here (or on a device) and fit the predictor's efficiency factors per runtime and format."""
     from edgekit.progress import progress_bars
     from edgekit.targets.calibrate import calibrate as run_calibrate
 
     err = _console(stderr=True)
+    if device:
+        from edgekit.targets.device_calibration import calibrate_device
+
+        with progress_bars(not json_out) as progress:
+            done = calibrate_device(device, [str(a) for a in artifacts] if artifacts else None, token,
+                                    log=lambda s: err.print(f"[dim]{s}[/dim]"), progress=progress)
+        if json_out:
+            from dataclasses import asdict
+
+            print(json.dumps({"profile": done["profile"], "calibrations": [asdict(c) for c in done["calibrations"]],
+                              "machine": done["machine"]}, indent=2))
+            return
+        from edgekit.report import calibration_table
+
+        for c in done["calibrations"]:
+            _console().print(calibration_table(c))
+        _console().print(f"wrote the measured device profile {done['profile']} (use it with --target "
+                         f"{Path(done['profile']).stem})", markup=False, highlight=False)
+        return
     with progress_bars(not json_out) as progress:
         cals = run_calibrate([str(a) for a in artifacts] if artifacts else None, remeasure_host,
                              log=lambda s: err.print(f"[dim]{s}[/dim]"), progress=progress)
@@ -258,6 +298,79 @@ def serve(
 
     run_server(ServeConfig(list(artifacts), host, port, api_key, parallel, queue, n_ctx, threads, max_tokens, max_body,
                            max_memory, not no_memory_check, insecure, list(name), verify=not no_verify, body_timeout_s=body_timeout), ready=announce)
+
+
+@app.command()
+def agent(
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs --allow-remote."),
+    port: int = typer.Option(8765, help="Port (0 picks a free one and prints it)."),
+    storage: Path = typer.Option(Path("~/.cache/edgekit-agent"), "--storage", help="Where pushed artifacts and results are kept."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="The token file (default: STORAGE/token; "
+                                              "created with mode 0600 on first start)."),
+    max_storage: float = typer.Option(20.0, "--max-storage", help="Storage quota in GB; least recently used artifacts "
+                                      "are evicted to make room."),
+    max_blob: Optional[float] = typer.Option(None, "--max-blob", help="Largest single file accepted, in GB (default: the quota)."),
+    max_job_memory: Optional[float] = typer.Option(None, "--max-job-memory", help="Memory a job may use, in GB "
+                                                   "(default: 90% of RAM); a job over it is stopped."),
+    max_queue: int = typer.Option(8, "--max-queue", help="Jobs waiting before the agent answers 429."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+) -> None:
+    """Run on a device: measure artifacts the host pushes (`edgekit profile OUT --device URL`)."""
+    from edgekit.agent import AgentConfig, run_agent
+
+    for name, v in (("--max-storage", max_storage), ("--max-blob", max_blob), ("--max-job-memory", max_job_memory)):
+        if v is not None and not v > 0:
+            raise typer.BadParameter(f"{name} must be positive")
+    run_agent(AgentConfig(host, port, storage, token_file, int(max_storage * 1e9), int(max_blob * 1e9) if max_blob else None,
+                          max_queue=max_queue, max_job_memory_bytes=int(max_job_memory * 1e9) if max_job_memory else None,
+                          allow_remote=allow_remote, tls_cert=tls_cert, tls_key=tls_key))
+
+
+devices_app = typer.Typer(help="Devices running `edgekit agent`, remembered with their tokens.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.command("add")
+def devices_add(
+    name: str = typer.Argument(..., help="A short name, e.g. pi5."),
+    url: str = typer.Argument(..., help="The agent's URL, e.g. http://192.168.1.20:8765."),
+    token: Optional[str] = typer.Option(None, "--token", help="The token the agent printed (default: $EDGEKIT_AGENT_TOKEN)."),
+    no_check: bool = typer.Option(False, "--no-check", help="Store it without asking the agent first."),
+) -> None:
+    """Remember a device (stored readable by you only)."""
+    import os
+
+    from edgekit.agent import devices
+
+    token = token or os.environ.get("EDGEKIT_AGENT_TOKEN")
+    if not no_check:
+        from edgekit.agent.client import AgentClient
+
+        facts = AgentClient(url, token).device()  # a wrong URL or token is one line now, not at the first profile
+        print(f"{name}: {facts['cpu'].get('model') or facts['os']['machine']}, {facts['ram_total_bytes'] / 1e9:.1f} GB RAM, "
+              f"runtimes: {', '.join(facts.get('runtimes', {})) or 'none'}")
+    devices.add(name, url, token)
+    print(f"added {name} ({url}) to {devices.config_dir() / 'devices.json'}")
+
+
+@devices_app.command("list")
+def devices_list() -> None:
+    """List the remembered devices."""
+    from edgekit.agent import devices
+
+    for name, d in sorted(devices.load_all().items()):
+        print(f"{name}\t{d['url']}\t{'token stored' if d.get('token') else 'no token'}")
+
+
+@devices_app.command("remove")
+def devices_remove(name: str = typer.Argument(...)) -> None:
+    """Forget a device."""
+    from edgekit.agent import devices
+
+    devices.remove(name)
+    print(f"removed {name}")
 
 
 @app.command()

@@ -173,36 +173,84 @@ def _reference_tokens(file: Path, ref: Reference, text: str) -> None:
     ref.ids, ref.token_note = ref_ids, tokenizer_agreement(ref_ids, ids)
 
 
-def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig, progress, check_memory: bool = True,
-             max_memory: int | str | None = None) -> tuple[dict | None, str | None]:
-    """(quality, note) against ``ref``; quality is None with the reason when it cannot be measured. The sessions
-    are guarded as :func:`edgekit.load` guards them (here beside the float reference, when there is one)."""
-    import functools
+def quality_inputs(file: Path, ref: Reference, text: str, cfg: EvalConfig, progress, load=None):
+    """What scoring ``file`` against ``ref`` needs, computed on this machine: (token windows, the reference's
+    cached top-k statistics, fields for the quality record, a tokenizer note), or a string saying why quality
+    cannot be measured. Scoring (:func:`edgekit.harness.quality.score_session`) then runs wherever the artifact
+    runs: here, or on a device through ``edgekit agent``, which gets these same windows and statistics.
 
+    The reference is opened only on a statistics cache miss and closed before this returns, so it never
+    shares memory with the artifact's session."""
     import edgekit
+    from edgekit.harness.quality import reference_stats, windows
 
-    load = functools.partial(edgekit.load, check_memory=check_memory, max_memory=max_memory)
-
+    load = load or edgekit.load
+    extra: dict[str, Any] = {}
     if ref.kind != "artifact":  # float reference first; a GGUF that has none is run as an artifact
         if ref.opens is not None:
             _reference_tokens(file, ref, text)  # also reads the GGUF's architecture, cheaply
         model, why = _float_reference(ref, progress)
         if model is not None:
-            from edgekit.evaluate import measure_quality
+            with edgekit.load(file, vocab_only=True) as s:  # the artifact's own tokenizer, as its session reads text
+                ids = s.tokenize(text)
+            ref_id, note = ref.sha256, None
+            extra["reference"] = ref.describe()
 
-            with load(file) as session:
-                q = measure_quality(session, model, ref.sha256, text, label, cfg, progress)
-            return q | {"reference": ref.describe()}, None
-        if ref.opens is None:  # a Hugging Face directory: no runtime of ours runs it
-            return None, f"skipped: {why}; {SKIP_HINT}"
-        ref = ref.as_artifact(f"{why}, so it is run as an artifact")
-    _reference_tokens(file, ref, text)
-    from edgekit.harness.quality import quality_between
+            def open_reference():
+                from edgekit.reference import TorchReference
 
-    # its own cache key: the same .gguf as a float (torch) reference and as an artifact are different references
-    q = quality_between(lambda: load(file), lambda: load(ref.opens), f"artifact:{ref.runtime}:{ref.sha256}",
-                        ref.ids, label, cfg, progress)
-    return q | {"reference": ref.describe(), "tokenizers_agree": ref.token_note is None}, ref.token_note
+                return TorchReference(model)
+        elif ref.opens is None:  # a Hugging Face directory: no runtime of ours runs it
+            return f"skipped: {why}; {SKIP_HINT}"
+        else:
+            ref = ref.as_artifact(f"{why}, so it is run as an artifact")
+    if ref.kind == "artifact":
+        _reference_tokens(file, ref, text)
+        ids, note = ref.ids, ref.token_note
+        # its own cache key: the same .gguf as a float (torch) reference and as an artifact are different references
+        ref_id = f"artifact:{ref.runtime}:{ref.sha256}"
+        extra = {"reference": ref.describe(), "tokenizers_agree": ref.token_note is None}
+        opens = ref.opens
+
+        def open_reference():
+            return load(opens)
+    wins = windows(ids, cfg)
+    if not wins:
+        raise InputError(f"the evaluation text has {len(ids)} tokens, fewer than one 32-token window",
+                         "pass a longer --eval-text")
+    holder: dict[str, Any] = {}
+
+    def ref_logits(w: list[int]):
+        if "ref" not in holder:
+            holder["ref"] = open_reference()
+        return holder["ref"].logits(w)
+
+    tick = (lambda d, t: progress("reference logits", d, t)) if progress else None
+    try:
+        stats = reference_stats(ref_id, wins, ref_logits, cfg.topk, tick)
+    finally:
+        if "ref" in holder and hasattr(holder["ref"], "close"):
+            holder["ref"].close()
+    return wins, stats, extra, note
+
+
+def _quality(file: Path, ref: Reference, text: str, label: str, cfg: EvalConfig, progress, check_memory: bool = True,
+             max_memory: int | str | None = None) -> tuple[dict | None, str | None]:
+    """(quality, note) against ``ref``; quality is None with the reason when it cannot be measured. The sessions
+    are guarded as :func:`edgekit.load` guards them."""
+    import functools
+
+    import edgekit
+    from edgekit.harness.quality import score_session
+
+    load = functools.partial(edgekit.load, check_memory=check_memory, max_memory=max_memory)
+    inputs = quality_inputs(file, ref, text, cfg, progress, load)
+    if isinstance(inputs, str):
+        return None, inputs
+    wins, stats, extra, note = inputs
+    with load(file) as session:
+        q = score_session(session, stats, wins, cfg, label, progress)
+    return q | extra, note
 
 
 def profile(artifact: str | Path, eval_text: str | None = None, reference: str | None = None,
@@ -339,7 +387,11 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
 
             cloud[name] = simulate(facts, prof, p)
             continue
-        out["targets"][name] = pr.predict(facts, cal, pr.profile_machine(prof), ctx, p) | {"kind": prof.kind}
+        from edgekit.targets.device_calibration import calibration_for_profile
+
+        # a profile measured through `edgekit calibrate --device` carries that device's own factors
+        own = calibration_for_profile(prof, facts)
+        out["targets"][name] = pr.predict(facts, own or cal, pr.profile_machine(prof), ctx, p) | {"kind": prof.kind}
     if cloud_url:
         from edgekit.targets.cloud import measure_endpoint
 

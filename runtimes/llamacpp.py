@@ -52,7 +52,7 @@ class LlamaCppSession(TextSession):
     runtime = "llamacpp"
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_batch: int = 512, vocab_only: bool = False):
+                 n_batch: int = 512, vocab_only: bool = False, n_gpu_layers: int = 0):
         llama_cpp = _llama_cpp()
         self.path = str(path)
         if not Path(self.path).is_file():
@@ -64,7 +64,7 @@ class LlamaCppSession(TextSession):
         try:
             self._llm = llama_cpp.Llama(
                 model_path=self.path, n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
-                n_batch=n_batch, vocab_only=vocab_only, verbose=False,
+                n_batch=n_batch, vocab_only=vocab_only, verbose=False, n_gpu_layers=n_gpu_layers,
             )
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"llama.cpp could not load {self.path} ({exc})", "re-export the model") from None

@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from edgekit.errors import EdgekitError, InputError
@@ -28,6 +28,7 @@ class SpeedConfig:
     load_reps: int = 3
     n_threads: int | None = None
     long_context: int = 0  # when > 0, also measure decode after a prompt this long (KV-cache cost)
+    session_options: dict = field(default_factory=dict)  # more options for edgekit.load (n_ctx, n_gpu_layers)
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -51,14 +52,14 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def timed_loads(artifact: str, reps: int, n_threads: int | None):
+def timed_loads(artifact: str, reps: int, n_threads: int | None, options: dict | None = None):
     """(last session, load times, RSS before the first load, RSS after the last): every harness opens
     the artifact ``reps`` times and keeps the last session open."""
     import psutil
 
     import edgekit
 
-    opts = {"n_threads": n_threads} if n_threads else {}
+    opts = dict(options or {}) | ({"n_threads": n_threads} if n_threads else {})
     rss_start = psutil.Process().memory_info().rss
     loads = []
     for _ in range(max(1, reps)):
@@ -73,7 +74,7 @@ def timed_loads(artifact: str, reps: int, n_threads: int | None):
 
 
 def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, Any]:
-    s, loads, rss_start, rss_loaded = timed_loads(artifact, cfg.load_reps, cfg.n_threads)
+    s, loads, rss_start, rss_loaded = timed_loads(artifact, cfg.load_reps, cfg.n_threads, cfg.session_options)
     ids = s.tokenize(text)
     need = max(cfg.prompt_tokens, cfg.prefill_tokens, cfg.long_context)
     if len(ids) < need:
@@ -120,6 +121,7 @@ def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, 
         "rss_interpreter_bytes": rss_start,
         "spread": {"load_s": summary(loads), "ttft_ms": summary(ttft), "prefill_tok_s": summary(prefill),
                    "decode_tok_s": summary(decode)},
+        "repetitions": {"load_s": loads, "ttft_ms": ttft, "prefill_tok_s": prefill, "decode_tok_s": decode},
         "settings": asdict(cfg) | {"prompt_tokens": len(prompt), "prefill_tokens": len(prefill_ids)},
     }
 

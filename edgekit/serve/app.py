@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekit.errors import EdgekitError
+from edgekit.httpbody import BodyLimit
 from edgekit.serve.metrics import CONTENT_TYPE, ServerMetrics
 from edgekit.serve.pool import Job, ModelPool, QueueFull, Sampling
 from edgekit.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -51,55 +52,6 @@ def _envelope(status: int, message: str, type_: str, code: str | None = None, pa
               headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes (by Content-Length, or while a chunked body streams
-    in) before the application sees them: the body is read here, at most ``limit`` bytes of it, and
-    replayed to the app; later messages (a disconnect) pass through."""
-
-    def __init__(self, app, limit: int, timeout_s: float = 30.0):
-        self.app, self.limit, self.timeout_s = app, limit, timeout_s
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(scope, receive, send)
-        body, more = [], True
-        size = 0
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
-        while more:
-            try:  # a client trickling its body would otherwise hold the connection and its buffer forever
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except asyncio.TimeoutError:
-                resp = _envelope(408, f"the request body did not arrive within {self.timeout_s:g} s",
-                                 "invalid_request_error", "request_timeout")
-                return await resp(scope, receive, send)
-            if message["type"] != "http.request":  # the client left before sending its body
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await self._refuse(scope, receive, send)
-            body.append(chunk)
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, receive, send):
-        resp = _envelope(400, f"the request body exceeds the server's limit of {self.limit} bytes",
-                         "invalid_request_error", "request_too_large")
-        await resp(scope, receive, send)
 
 
 def create_app(pools: list[ModelPool], metrics: ServerMetrics, api_key: str | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from edgekit.cache import cache_dir
@@ -64,6 +65,37 @@ def measure_matmul_flops(n: int = 1024, reps: int = 5) -> dict[str, float]:
         a @ b
         times.append(time.perf_counter() - t0)
     return {"f32": 2 * n**3 / statistics.median(times)}
+
+
+def measure_storage_read(folder: Path, size: int = 256 << 20) -> float | None:
+    """Bytes per second read back from a file written to ``folder`` and dropped from the page cache
+    (Linux ``posix_fadvise``; elsewhere None, since a cached read would measure memory, not storage)."""
+    import os
+
+    import numpy as np
+
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    path = Path(folder) / f".read-test-{os.getpid()}"
+    try:
+        with open(path, "wb") as fh:
+            np.random.default_rng(0).bytes(1 << 20)  # warm numpy's generator outside the timing
+            block = np.random.default_rng(1).bytes(4 << 20)
+            for _ in range(size // len(block)):
+                fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with open(path, "rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            n = 0
+            for chunk in iter(lambda: fh.read(8 << 20), b""):
+                n += len(chunk)
+            return n / (time.perf_counter() - t0)
+    except OSError:
+        return None
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def measure_host() -> dict[str, Any]:

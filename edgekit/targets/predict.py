@@ -61,11 +61,14 @@ class Calibration:
     x_shared: float = 0.0  # the factor a weight type never measured here gets
     y_shared: float = 0.0
     prefill_overhead_s: float = 0.0  # fixed cost of one prompt evaluation
+    device: str = ""  # set when fitted from measurements on a device through `edgekit agent`
 
     def describe(self) -> str:
         """Which calibration a prediction rests on: runtime/format, when, and the artifacts measured."""
         names = [Path(str(p.get("name") or "?")).name for p in self.points]
-        return f"{self.runtime}/{self.format} fitted {self.fitted or '(not fitted)'} on {len(names)} artifacts ({', '.join(names)})"
+        where = f" measured on device {self.device}" if self.device else ""
+        return (f"{self.runtime}/{self.format} fitted {self.fitted or '(not fitted)'}{where} on {len(names)} artifacts "
+                f"({', '.join(names)})")
 
     def efficiencies(self) -> dict[str, Any]:
         return {"decode": {t: 1 / v for t, v in self.x.items() if v > 0},
@@ -75,6 +78,12 @@ class Calibration:
         if typ in table:
             return table[typ]
         return shared or (statistics.median(table.values()) if table else 1 / UNCALIBRATED_EFFICIENCY)
+
+
+def uncalibrated(runtime: str, fmt: str) -> Calibration:
+    """Factors for a runtime never measured: every byte and FLOP at UNCALIBRATED_EFFICIENCY."""
+    unc = 1 / UNCALIBRATED_EFFICIENCY
+    return Calibration(runtime, fmt, {}, unc, {}, unc, 0.0, 0.0, {})
 
 
 def _solve_nonneg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -220,6 +229,7 @@ class Machine:
     cpu_kernels: bool  # runs the CPU kernels the host calibrates (CPU and mobile CPUs; not GPUs)
     notes: list[str] = field(default_factory=list)
     runtimes: tuple[str, ...] | None = None  # what the device runs (None: anything, the host)
+    power_w: float | None = None  # the profile's stated power while decoding
 
     def runs_calibrated(self, cal: "Calibration", runtime: str) -> bool:
         """True when ``cal`` holds factors measured here for ``runtime`` and this machine runs its kernels."""
@@ -262,8 +272,9 @@ def profile_machine(profile) -> Machine:
     if not cpu:
         notes.append(f"{profile.kind}: GPU kernels are not calibrated on this host; efficiency {UNCALIBRATED_EFFICIENCY} assumed")
     dtype = "f32" if cpu else "f16"
+    power = profile.get("power")
     return Machine(profile.name, profile.kind, bw, profile.compute_flops(dtype), profile.storage_read_bytes_s(),
-                   profile.memory_budget_bytes(), cpu, notes, tuple(profile.runtimes))
+                   profile.memory_budget_bytes(), cpu, notes, tuple(profile.runtimes), power.si() if power else None)
 
 
 def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, prompt_tokens: int,
@@ -304,6 +315,8 @@ def predict(facts: ArtifactFacts, cal: Calibration, m: Machine, context: int, pr
         "n_ctx": n_ctx,
         "calibrated": calibrated,
     }
+    if m.power_w:  # energy = stated power x time per token (the profile's power figure says what it covers)
+        out["energy_j_per_token"] = m.power_w * t_decode
     if m.memory_budget_bytes is not None:
         out["memory_budget_bytes"] = m.memory_budget_bytes
         out["fits"] = memory <= m.memory_budget_bytes

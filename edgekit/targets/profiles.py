@@ -41,11 +41,12 @@ ALLOWED_UNITS: dict[str, tuple[str, ...]] = {
     "server_ttft": ("ms",),
     "price_input": ("USD/1M tokens",),
     "price_output": ("USD/1M tokens",),
+    "power": ("W",),  # package / board power while decoding: predicted joules per token
 }
 # Decimal prefixes throughout (1 GB = 1e9 bytes). For RAM sold as "8 GB" (really 8 GiB) this under-
 # states capacity by ~7%, which errs on the safe side when predicting whether a model fits.
 UNIT_SCALE = {"GB/s": 1e9, "MB/s": 1e6, "GB": 1e9, "GFLOPS": 1e9, "TOPS": 1e12, "fraction": 1.0,
-              "ms": 1e-3, "USD/1M tokens": 1e-6}
+              "ms": 1e-3, "USD/1M tokens": 1e-6, "W": 1.0}
 
 REQUIRED = ("memory_bandwidth", "ram", "memory_budget", "storage_read")
 # compute_f32 is the usual prefill figure; a GPU or NPU profile may give only its f16 peak instead.
@@ -53,6 +54,10 @@ REQUIRED_ONE_OF = ("compute_f32", "compute_f16")
 REQUIRED_CLOUD = ("network_rtt", "price_input", "price_output", "server_ttft")
 
 TOP_KEYS = ("name", "kind", "description", "runtimes", "formats", "figures")
+# a profile written by `edgekit calibrate --device`: [measured] device, url, date and calibration (the file
+# of fitted efficiency factors beside the profile)
+OPTIONAL_KEYS = ("measured",)
+MEASURED_KEYS = ("device", "url", "date", "calibration")
 FIGURE_KEYS = ("value", "unit", "source")
 COMPUTE_FALLBACK = ("f32", "f16", "int8")
 
@@ -77,6 +82,7 @@ class DeviceProfile:
     formats: tuple[str, ...]
     figures: dict[str, Figure]
     path: str
+    measured: dict | None = None
 
     def get(self, key: str) -> Figure | None:
         return self.figures.get(key)
@@ -129,6 +135,11 @@ def builtin_dir() -> Path:
 def profile_dirs(extra: list[str | Path] | None = None) -> list[Path]:
     """Folders searched for ``*.toml`` profiles, lowest priority first."""
     dirs = [builtin_dir()]
+    from edgekit.agent.devices import config_dir
+
+    measured = config_dir() / "profiles"  # written by `edgekit calibrate --device`
+    if measured.is_dir():
+        dirs.append(measured)
     dirs += [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
     dirs += [Path(p).expanduser() for p in (extra or [])]
     return dirs
@@ -198,8 +209,8 @@ def load_profile(path: str | Path) -> DeviceProfile:
         raise InputError(f"device profile {path} is not valid TOML: {exc}", "fix the syntax at that line") from None
 
     for k in data:
-        if k not in TOP_KEYS:
-            raise _fail(path, k, "unknown key", f"a profile has only {', '.join(TOP_KEYS)}")
+        if k not in TOP_KEYS + OPTIONAL_KEYS:
+            raise _fail(path, k, "unknown key", f"a profile has only {', '.join(TOP_KEYS + OPTIONAL_KEYS)}")
     for k in TOP_KEYS:
         if k not in data:
             raise _fail(path, k, "missing")
@@ -228,8 +239,15 @@ def load_profile(path: str | Path) -> DeviceProfile:
         raise _fail(path, "figures.compute_f32", "missing required figure (or compute_f16 for a GPU/NPU)",
                     "add [figures.compute_f32] with value, unit (GFLOPS or TOPS) and source")
 
+    measured = data.get("measured")
+    if measured is not None:
+        if not isinstance(measured, dict) or set(measured) != set(MEASURED_KEYS) \
+                or not all(isinstance(v, str) and v.strip() for v in measured.values()):
+            raise _fail(path, "measured", f"must be a table of the strings {', '.join(MEASURED_KEYS)}")
+        if Path(measured["calibration"]).name != measured["calibration"]:
+            raise _fail(path, "measured.calibration", "must be a file name beside the profile")
     return DeviceProfile(name=data["name"], kind=data["kind"], description=data["description"].strip(),
-                         runtimes=runtimes, formats=formats, figures=figures, path=str(path))
+                         runtimes=runtimes, formats=formats, figures=figures, path=str(path), measured=measured)
 
 
 def load_profiles(extra_dirs: list[str | Path] | None = None) -> dict[str, DeviceProfile]:

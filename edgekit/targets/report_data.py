@@ -18,6 +18,7 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
     from edgekit.targets import predict as pr
     from edgekit.targets.calibrate import calibration_for
     from edgekit.targets.cloud import simulate
+    from edgekit.targets.device_calibration import calibration_for_profile
     from edgekit.targets.facts import artifact_facts
     from edgekit.targets.host import host_figures
     from edgekit.targets.profiles import load_profiles
@@ -78,7 +79,8 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
             if p.is_cloud():
                 cloud.setdefault(n, simulate(facts, p, prompt_tokens))
                 continue
-            entry["targets"][n] = pr.predict(facts, cal, pr.profile_machine(p), context, prompt_tokens) | {"kind": p.kind}
+            own = calibration_for_profile(p, facts)  # a device measured through `edgekit calibrate --device`
+            entry["targets"][n] = pr.predict(facts, own or cal, pr.profile_machine(p), context, prompt_tokens) | {"kind": p.kind}
     hi = host_info()
     return {
         "title": "edgekit report",
