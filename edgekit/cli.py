@@ -316,16 +316,20 @@ def agent(
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", help="Seconds a request body may take to arrive (408 after)."),
+    max_chunk: float = typer.Option(16.0, "--max-chunk", help="Largest upload request body, in MB."),
 ) -> None:
     """Run on a device: measure artifacts the host pushes (`edgekit profile OUT --device URL`)."""
     from edgekit.agent import AgentConfig, run_agent
 
-    for name, v in (("--max-storage", max_storage), ("--max-blob", max_blob), ("--max-job-memory", max_job_memory)):
+    for name, v in (("--max-storage", max_storage), ("--max-blob", max_blob), ("--max-job-memory", max_job_memory),
+                    ("--body-timeout", body_timeout), ("--max-chunk", max_chunk)):
         if v is not None and not v > 0:
             raise typer.BadParameter(f"{name} must be positive")
     run_agent(AgentConfig(host, port, storage, token_file, int(max_storage * 1e9), int(max_blob * 1e9) if max_blob else None,
                           max_queue=max_queue, max_job_memory_bytes=int(max_job_memory * 1e9) if max_job_memory else None,
-                          allow_remote=allow_remote, tls_cert=tls_cert, tls_key=tls_key))
+                          allow_remote=allow_remote, tls_cert=tls_cert, tls_key=tls_key, body_timeout_s=body_timeout,
+                          max_chunk_bytes=int(max_chunk * 1e6)))
 
 
 devices_app = typer.Typer(help="Devices running `edgekit agent`, remembered with their tokens.", no_args_is_help=True)

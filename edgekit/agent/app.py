@@ -92,7 +92,7 @@ def create_app(store: BlobStore, runner: JobRunner, token: str, limits: AgentLim
 
     @app.get("/v1/storage")
     def storage():
-        return store.summary()
+        return store.summary() | {"max_chunk_bytes": limits.max_chunk_bytes, "max_json_bytes": limits.max_json_bytes}
 
     @app.head("/v1/blobs/{digest}")
     def head_blob(digest: str):

@@ -57,6 +57,7 @@ class AgentClient:
         self.url, self.token, self.timeout = url, token, timeout
         self.context = ssl._create_unverified_context() if insecure_tls else None  # noqa: S323 - explicit opt-in
         self.sent_bytes = 0
+        self._max_chunk: int | None = None
 
     # ------------------------------------------------------------------ HTTP
 
@@ -111,6 +112,9 @@ class AgentClient:
         """Send the file unless stored; resumes an upload in progress. Returns the bytes sent."""
         if self.has_blob(digest):
             return 0
+        if self._max_chunk is None:
+            self._max_chunk = int(self.storage().get("max_chunk_bytes") or CHUNK)
+        chunk = max(1, min(chunk, self._max_chunk))
         total = Path(path).stat().st_size
         status, st = self.request("GET", f"/v1/uploads/{digest}", ok=(200, 404))
         offset = st["offset"] if status == 200 else 0
