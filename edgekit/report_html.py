@@ -727,6 +727,24 @@ def _host_perf_table(arts: list[dict]) -> str:
                    "load measured", "predicted"], rows, "num")
 
 
+def _devices_table(arts: list[dict]) -> str | None:
+    """Measurements made on the user's devices (`edgekit profile --device`), with the device's calibrated prediction."""
+    rows = []
+    for a in arts:
+        for dev, m in sorted(_d(a.get("devices")).items()):
+            m = _d(m)
+            rows.append([f"<b>{_e(a['name'])}</b>", _e(dev) + (f" <small>({_e(m.get('cpu'))})</small>" if m.get("cpu") else ""),
+                         _fmt(m.get("decode_tok_s"), ",.1f"), _fmt(m.get("predicted_decode_tok_s"), ",.1f", missing="not calibrated"),
+                         _err_cell(m.get("predicted_decode_tok_s"), m.get("decode_tok_s")),
+                         _fmt(m.get("ttft_ms"), ",.0f", "ms"), _fmt(m.get("prefill_tok_s"), ",.0f"), _mb(m.get("peak_rss_bytes")),
+                         _fmt(m.get("kld_mean"), ".4f"), _fmt(m.get("joules_per_token"), ".3f", "J", missing="no power meter"),
+                         _fmt(m.get("roofline_decode_percent"), ".0f", "%"), _e(m.get("measured_at") or "")])
+    if not rows:
+        return None
+    return _table(["artifact", "device", "decode tok/s", "predicted", "error", "TTFT", "prefill tok/s", "peak RSS",
+                   "KLD", "energy / token", "% of roofline", "measured"], rows, "num")
+
+
 def _targets_table(arts: list[dict]) -> str:
     rows = []
     for a in arts:
@@ -933,6 +951,10 @@ def render_html(data: dict) -> str:
         parts.append(f'<div class="tablewrap">{_artifact_table(arts + encoders)}</div>')
         parts.append("<h2>This host: measured vs predicted</h2>")
         parts.append(f'<div class="tablewrap">{_host_perf_table(arts)}</div>')
+        devices = _devices_table(arts)
+        if devices:
+            parts.append("<h2>Measured on devices (edgekit agent)</h2>")
+            parts.append(f'<div class="tablewrap">{devices}</div>')
         parts.append("<h2>Target devices (predicted)</h2>")
         parts.append(f'<div class="tablewrap">{_targets_table(arts)}</div>')
         if encoders:

@@ -94,8 +94,12 @@ def tiny_art(tmp_path_factory):
 def agent(tmp_path_factory):
     root = tmp_path_factory.mktemp("agent")
     storage = root / "storage"
+    # the device side never needs torch: here `import torch` fails in the agent and every job it runs
+    fake = tmp_path_factory.mktemp("no-torch")
+    (fake / "torch").mkdir()
+    (fake / "torch" / "__init__.py").write_text('raise ImportError("the agent must not import torch")\n')
     proc, url, token = start_agent(storage, root / "agent.log", "--max-storage", "0.2", "--max-blob", "0.05",
-                                   "--max-chunk", "4", "--body-timeout", "2")
+                                   "--max-chunk", "4", "--body-timeout", "2", env={"PYTHONPATH": str(fake)})
     yield {"url": url, "token": token, "storage": storage, "root": root, "proc": proc}
     stop(proc)
 
@@ -436,6 +440,12 @@ def test_profile_on_the_device_matches_a_local_profile(agent, tiny_art, tmp_path
     assert d["energy"]["available"] in (True, False) and (d["energy"]["available"] or d["energy"]["why"])
     assert d["machine"]["read_bandwidth_bytes_s"] > 0 and rq["roofline_percent"]["decode"] > 0
     assert len(rq["repetitions"]["decode_tok_s"]) == 2
+    # `edgekit report` lists the device's measurement next to the host's
+    from edgekit.report_html import render_html
+    from edgekit.targets.report_data import collect
+
+    page = render_html(collect([str(art)], ["raspberry-pi-5"]))
+    assert "Measured on devices (edgekit agent)" in page and ">loop" in page
     # a wrong token is one line
     bad = run_cli("profile", str(art), "--device", agent["url"], "--token", "nope-" * 8, "--json", env=env)
     assert bad.returncode != 0 and bad.stderr.startswith("error: ") and "401" in bad.stderr and bad.stderr.count("\n") == 1
@@ -483,3 +493,148 @@ def test_energy_meters_read_rapl_with_wraparound_and_battery_power(tmp_path):
     time.sleep(0.2)
     got = b.stop()
     assert got["joules"] == pytest.approx(2.0 * (got["seconds"]), rel=0.3)  # 0.5 A x 4 V = 2 W
+
+
+# ---------------------------------------------------------------------------------------------- calibrate --device
+
+
+def _q4(tiny_art, root: Path) -> Path:
+    from edgekit.pipeline import ConvertRequest, convert
+
+    out = root / "q4"
+    if not (out / "manifest.json").exists():
+        convert(ConvertRequest(str(tiny_art[1]), "gguf", "q4_0", out, eval_tokens=512, force=True))
+    return out
+
+
+def test_calibrate_device_writes_a_measured_profile_that_predictions_use(agent, tiny_art, tmp_path):
+    env = {"EDGEKIT_CONFIG_DIR": str(tmp_path / "config")}
+    q4 = _q4(tiny_art, tmp_path)
+    r = run_cli("calibrate", str(tiny_art[0]), str(q4), "--device", agent["url"], "--token", agent["token"], "--json", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = json.loads(r.stdout)
+    name = Path(done["profile"]).stem
+    assert Path(done["profile"]).parent == tmp_path / "config" / "profiles"
+    from edgekit.targets.profiles import load_profile
+
+    prof = load_profile(done["profile"])
+    assert prof.measured["device"] == name and prof.runtimes == ("llamacpp",) and prof.formats == ("gguf",)
+    assert all(f.source.startswith(f"measured on {name}") for k, f in prof.figures.items() if k != "memory_budget")
+    assert done["calibrations"][0]["device"] == name and len(done["calibrations"][0]["points"]) == 2
+    # the profile is found by name, and predictions for it rest on the device's own factors
+    t = run_cli("targets", env=env)
+    assert t.returncode == 0 and name in t.stdout
+    p = run_cli("profile", str(tiny_art[0]), "--no-quality", "--reps", "2", "--target", name, "--json", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    pred = json.loads(p.stdout)["targets"][name]
+    assert pred["calibrated"] and f"measured on device {name}" in pred["calibration"]
+    # a profile on the device itself shows the device's calibrated prediction next to its measurement
+    d = run_cli("profile", str(q4), "--no-quality", "--reps", "2", "--device", agent["url"], "--token", agent["token"],
+                "--json", env=env)
+    assert d.returncode == 0, d.stderr[-2000:]
+    own = json.loads(d.stdout)["predicted_device"]
+    assert own["calibrated"] and own["decode_tok_s"] > 0
+
+
+@pytest.mark.slow
+def test_calibrated_device_predicts_a_held_out_recipe_within_15_percent(e2e_artifacts, tmp_path):
+    """Calibrate a loopback device on the embedded model's f16 / q8_0 / q4_0 GGUFs, then predict the data-aware
+    int4 recipe (not among them) and measure it there."""
+    from edgekit.agent.remote import connect, measure_on_device
+    from edgekit.harness.quality import read_text
+    from edgekit.targets.calibrate import CALIBRATION_CONFIG, default_artifacts
+    from edgekit.targets.device_calibration import predict_for_device
+    from edgekit.targets.facts import artifact_facts
+
+    proc, url, token = start_agent(tmp_path / "storage", tmp_path / "agent.log")
+    agent = {"url": url, "token": token}
+    env = {"EDGEKIT_CONFIG_DIR": str(tmp_path / "config")}
+    os.environ.update(env)
+    try:
+        calib = [str(p) for p in default_artifacts(lambda s: None, lambda d, a, b: None, ("gguf",))]
+        r = run_cli("calibrate", *calib, "--device", agent["url"], "--token", agent["token"], "--json", env=env, timeout=3000)
+        assert r.returncode == 0, r.stderr[-2000:]
+        name = Path(json.loads(r.stdout)["profile"]).stem
+        held_out = e2e_artifacts["int4"][0]
+        _, client = connect(agent["url"], agent["token"])
+        _, job = measure_on_device(client, held_out, read_text(None)[0], CALIBRATION_CONFIG, ["speed"], None)
+        speed = job["speed"]
+        st = speed["settings"]
+        pred = predict_for_device(name, artifact_facts(held_out / "model.gguf"), int(st["prompt_tokens"] + st["decode_tokens"] / 2),
+                                  st["prompt_tokens"], speed["n_ctx"])
+    finally:
+        os.environ.pop("EDGEKIT_CONFIG_DIR", None)
+        stop(proc)
+    assert pred is not None and pred["calibrated"]
+    ratios = {"decode_tok_s": pred["decode_tok_s"] / speed["decode_tok_s"],
+              "peak_memory": pred["peak_memory_bytes"] / speed["peak_rss_bytes"],
+              "prefill_tok_s": pred["prefill_tok_s"] / speed["prefill_tok_s"]}
+    print("held-out int4 on the calibrated loopback device, predicted / measured:", json.dumps(ratios))
+    assert 0.85 <= ratios["decode_tok_s"] <= 1.15 and 0.85 <= ratios["peak_memory"] <= 1.15, ratios
+
+
+def test_a_well_behaved_client_is_answered_during_attacks(agent):
+    """Slow-header connections held open and random bodies on every route: the agent answers 4xx (never 5xx) and
+    keeps serving a well-behaved client meanwhile."""
+    import random
+    import threading
+
+    host, port = agent["url"].removeprefix("http://").split(":")
+    held = []
+    for _ in range(80):  # request lines that never finish
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"GET /v1/device HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        held.append(s)
+    rng = random.Random(0)
+    routes = [("POST", "/v1/jobs"), ("POST", "/v1/artifacts"), ("PUT", "/v1/blobs/" + "f" * 64 + "?offset=0&total=10"),
+              ("GET", "/v1/jobs/zz"), ("GET", "/v1/uploads/xyz"), ("DELETE", "/v1/jobs/" + "0" * 32)]
+    statuses: list[int] = []
+
+    def attack():
+        for i in range(120):
+            method, path = routes[i % len(routes)]
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) if i % 3 else \
+                json.dumps({"artifact": rng.choice([None, 1, "x" * 40, [], {}]), "measure": rng.choice([[], "speed", [1]])}).encode()
+            statuses.append(raw(agent["url"], path, body, agent["token"], method)[0])
+
+    t = threading.Thread(target=attack)
+    t.start()
+    good = []
+    while t.is_alive():
+        good.append(raw(agent["url"], "/v1/device", token=agent["token"])[0])
+    t.join()
+    for s in held:
+        s.close()
+    assert good and set(good) == {200}
+    assert len(statuses) == 120 and all(400 <= st < 500 for st in statuses), sorted(set(statuses))
+    assert raw(agent["url"], "/health")[0] == 200
+
+
+def test_tls_serves_https_with_a_verified_certificate(tmp_path):
+    from edgekit.agent.client import AgentClient
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = _free_port()
+    proc = subprocess.Popen([EDGEKIT, "agent", "--storage", str(tmp_path / "s"), "--port", str(port), "--tls-cert", str(cert),
+                             "--tls-key", str(key)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                c = AgentClient(url, (tmp_path / "s" / "token").read_text().strip(), cafile=str(cert))
+                assert c.device()["protocol"] == 1
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        from edgekit.errors import InputError
+
+        with pytest.raises(InputError, match="cannot reach"):  # an unknown certificate is not trusted
+            AgentClient(url, "x" * 20).health()
+    finally:
+        stop(proc)

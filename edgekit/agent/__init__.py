@@ -85,7 +85,7 @@ def run_agent(cfg: AgentConfig, ready=None) -> None:
     tls = cfg.tls_cert is not None
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off",
                             ssl_certfile=str(cfg.tls_cert) if tls else None, ssl_keyfile=str(cfg.tls_key) if tls else None,
-                            timeout_keep_alive=30, limit_concurrency=64)
+                            timeout_keep_alive=30)
     server = uvicorn.Server(config)
     host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
     url = f"{'https' if tls else 'http'}://{host}:{port}"

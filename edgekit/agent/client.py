@@ -49,13 +49,21 @@ def artifact_files(path: Path) -> tuple[Path, list[dict[str, Any]]]:
 
 
 class AgentClient:
-    def __init__(self, url: str, token: str | None, timeout: float = 60.0, insecure_tls: bool = False):
+    def __init__(self, url: str, token: str | None, timeout: float = 60.0, cafile: str | None = None):
+        """``cafile``: the certificate that signed the agent's (its own, when self-signed); default
+        $EDGEKIT_AGENT_CA, else the system's trust store. Certificates are always verified."""
+        import os
+
         url = url.rstrip("/")
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise InputError(f"{url} is not an agent URL", "pass http://HOST:PORT (or https://) of a running `edgekit agent`")
         self.url, self.token, self.timeout = url, token, timeout
-        self.context = ssl._create_unverified_context() if insecure_tls else None  # noqa: S323 - explicit opt-in
+        cafile = cafile or os.environ.get("EDGEKIT_AGENT_CA") or None
+        try:
+            self.context = ssl.create_default_context(cafile=cafile) if parsed.scheme == "https" else None
+        except (OSError, ssl.SSLError) as exc:
+            raise InputError(f"cannot read the agent's CA certificate {cafile} ({exc})", "set EDGEKIT_AGENT_CA to a PEM file") from None
         self.sent_bytes = 0
         self._max_chunk: int | None = None
 

@@ -58,6 +58,9 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
             measured = _measure(file, kind, text)
             save_profile_result(file, measured)
         entry["quality"] = entry["quality"] or (measured or {}).get("quality")
+        from edgekit.agent.remote import device_results
+
+        entry["devices"] = {dev: _device_row(r) for dev, r in device_results(file).items()}  # `profile --device`
         if kind == "encoder":
             _encoder_entry(entry, facts, measured, names, profiles, host)
             continue
@@ -92,6 +95,19 @@ def collect(dirs: list[str | Path], targets: list[str] | None = None, measure_mi
         "context": context,
         "prompt_tokens": prompt_tokens,
     }
+
+
+def _device_row(r: dict[str, Any]) -> dict[str, Any]:
+    """What the report shows of a measurement made on a device through `edgekit agent`."""
+    d = r.get("device") or {}
+    energy = d.get("energy") or {}
+    q = r.get("quality") or {}
+    return {"decode_tok_s": r.get("decode_tok_s"), "ttft_ms": r.get("ttft_ms"), "prefill_tok_s": r.get("prefill_tok_s"),
+            "peak_rss_bytes": r.get("peak_rss_bytes"), "load_s": r.get("load_s"), "kld_mean": q.get("kld_mean"),
+            "top1_agreement": q.get("top1_agreement"), "joules_per_token": energy.get("joules_per_token"),
+            "predicted_decode_tok_s": (r.get("predicted_device") or {}).get("decode_tok_s"),
+            "cpu": ((d.get("facts") or {}).get("cpu") or {}).get("model"), "measured_at": r.get("measured_at"),
+            "roofline_decode_percent": (r.get("roofline_percent") or {}).get("decode")}
 
 
 def _measure(file: Path, kind: str, text: str) -> dict[str, Any]:
