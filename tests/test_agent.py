@@ -507,6 +507,7 @@ def _q4(tiny_art, root: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_calibrate_device_writes_a_measured_profile_that_predictions_use(agent, tiny_art, tmp_path):
     env = {"EDGEKIT_CONFIG_DIR": str(tmp_path / "config")}
     q4 = _q4(tiny_art, tmp_path)
