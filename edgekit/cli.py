@@ -378,6 +378,38 @@ def devices_remove(name: str = typer.Argument(...)) -> None:
 
 
 @app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="A sweep spec (TOML), e.g. examples/sweep.toml."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: cache/, best/<device>/, sweep.json, sweep.csv, report.html."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Conversions run at once (each gets its share of the cores)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run every task on Ray: 'auto' (a local cluster, or the one "
+                                      "RAY_ADDRESS names) or a cluster address."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Search recipes x formats x devices for the Pareto front per device (cached: a re-run does only what is missing)."""
+    from edgekit.progress import progress_bars
+    from edgekit.sweep import load, run_sweep
+
+    if workers < 1:
+        raise typer.BadParameter("--workers must be at least 1")
+    the_spec = load(spec)
+    with progress_bars(not json_out) as progress:
+        result = run_sweep(the_spec, out, workers, ray, progress)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    from edgekit.report import sweep_tables
+
+    for table in sweep_tables(result):
+        _console().print(table)
+    st = result["stats"]
+    _console().print(f"{len(result['candidates'])} candidates; conversions {st['conversions']['computed']} computed, "
+                     f"{st['conversions']['cached']} cached; measurements {st['measurements']['computed']} computed, "
+                     f"{st['measurements']['cached']} cached; {st['wall_s']:.0f} s on {st['executor']}. Wrote {out}/sweep.json, "
+                     f"sweep.csv, report.html and best/<device>/", markup=False, highlight=False)
+
+
+@app.command()
 def verify(
     artifacts: List[Path] = typer.Argument(..., help="Artifact directories (from `edgekit convert`)."),
 ) -> None:

@@ -168,3 +168,26 @@ def plan_table(plan: dict[str, Any]) -> Table:
         t.add_row(c["quant"], c["format"], _mb(c["size_bytes"]), f"{c['decode_tok_s']:.1f}", f"{c['ttft_ms']:.0f}",
                   _mb(c["peak_memory_bytes"]), f"{c['kld_mean']:.3g}", c["quality_from"], verdict)
     return t
+
+
+def sweep_tables(result: dict) -> list[Table]:
+    """One rich table per device: every candidate's figures there, constraints, the front and the choice."""
+    tables = []
+    for dev in result["devices"]:
+        front, best = set(result["fronts"].get(dev) or []), result["best"].get(dev)
+        t = Table(title=f"sweep: {dev} (* chosen, + Pareto front)")
+        for col in ("candidate", "figures", "size MB", "KLD", "decode tok/s", "TTFT ms", "peak MB", "meets constraints"):
+            t.add_column(col, justify="left" if col in ("candidate", "figures", "meets constraints") else "right")
+        for c in result["candidates"]:
+            mark = ("*" if c["candidate"] == best else "") + ("+" if c["candidate"] in front else "")
+            f = c["devices"].get(dev)
+            if f is None:
+                t.add_row(f"{mark}{c['candidate']}", "failed", "", "", "", "", "", (c.get("error") or "")[:80])
+                continue
+            num = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+            t.add_row(f"{mark}{c['candidate']}", f["how"], num((f.get("size_bytes") or 0) / 1e6, ".1f"), num(f.get("kld_mean"), ".4f"),
+                      num(f.get("decode_tok_s"), ".1f"), num(f.get("ttft_ms"), ".0f"),
+                      num((f.get("peak_memory_bytes") or 0) / 1e6, ".0f"),
+                      "yes" if f["feasible"] else "no: " + ", ".join(f["violates"]))
+        tables.append(t)
+    return tables

@@ -745,6 +745,31 @@ def _devices_table(arts: list[dict]) -> str | None:
                    "KLD", "energy / token", "% of roofline", "measured"], rows, "num")
 
 
+def _sweep_section(sweep: dict) -> str:
+    """The sweep's candidates per device: figures (measured or predicted), constraints met, the front, the choice."""
+    parts = []
+    cons = ", ".join(f"{k} {v:g}" for k, v in _d(sweep.get("constraints")).items()) or "none"
+    parts.append(f"<p>Objectives (minimised): {_e(', '.join(sweep.get('objectives') or []))}; constraints: {_e(cons)}. "
+                 "&#9733; marks the chosen artifact, &#9670; the Pareto front among candidates that meet the constraints.</p>")
+    for dev in sweep.get("devices") or []:
+        front = set(_d(sweep.get("fronts")).get(dev) or [])
+        best = _d(sweep.get("best")).get(dev)
+        rows = []
+        for c in sweep.get("candidates") or []:
+            f = _d(_d(c.get("devices")).get(dev))
+            mark = ("&#9733; " if c["candidate"] == best else "") + ("&#9670; " if c["candidate"] in front else "")
+            if not f:
+                rows.append([f"{mark}<b>{_e(c['candidate'])}</b>", _na(_e(c.get("error") or "no figures")), "", "", "", "", "", ""])
+                continue
+            rows.append([f"{mark}<b>{_e(c['candidate'])}</b>", _e(f.get("how")), _mb(f.get("size_bytes")), _fmt(f.get("kld_mean"), ".4f"),
+                         _fmt(f.get("decode_tok_s"), ",.1f"), _fmt(f.get("ttft_ms"), ",.0f", "ms"), _mb(f.get("peak_memory_bytes")),
+                         "yes" if f.get("feasible") else _e("no: " + ", ".join(f.get("violates") or []))])
+        parts.append(f"<h3>{_e(dev)}</h3>")
+        parts.append('<div class="tablewrap">' + _table(["candidate", "figures", "size", "KLD", "decode tok/s", "TTFT",
+                                                          "peak memory", "meets constraints"], rows, "num") + "</div>")
+    return "".join(parts)
+
+
 def _targets_table(arts: list[dict]) -> str:
     rows = []
     for a in arts:
@@ -935,6 +960,9 @@ def render_html(data: dict) -> str:
             parts.append(f'<div class="tablewrap narrow">{_host_table(host)}</div>')
     else:
         parts.append(_cards(data, arts, cloud))
+        if data.get("sweep"):
+            parts.append("<h2>Sweep: fronts per device</h2>")
+            parts.append(_sweep_section(_d(data["sweep"])))
         encoders = [a for a in arts if _is_encoder(a)]
         arts = [a for a in arts if not _is_encoder(a)]  # the plots and tables below are of decoders
         parts.append("<h2>Plots</h2>")
