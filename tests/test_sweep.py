@@ -1,4 +1,4 @@
-"""`edgekit sweep` on a tiny model: the local pool and a real local Ray cluster give the same table and fronts; a
+"""`edgekit sweep` on a tiny model (8 minutes here, so in `make test-slow` except the spec checks): the local pool and a real local Ray cluster give the same table and fronts; a
 re-run converts only what is missing; a sweep killed mid-way resumes; a failing candidate is recorded and the
 rest go on; the report page renders in headless Chromium."""
 
@@ -73,6 +73,7 @@ def _by_name(result: dict) -> dict:
     return {c["candidate"]: c for c in result["candidates"]}
 
 
+@pytest.mark.slow
 def test_the_local_sweep_writes_table_fronts_and_best_artifacts(local_run):
     root, _, result = local_run
     out = root / "out"
@@ -103,6 +104,7 @@ def test_the_local_sweep_writes_table_fronts_and_best_artifacts(local_run):
     assert json.loads((out / "sweep.json").read_text())["fronts"] == result["fronts"]
 
 
+@pytest.mark.slow
 def test_a_rerun_converts_only_the_new_candidate(local_run, source, tmp_path):
     root, _, first = local_run
     spec = write_spec(tmp_path, source, quant=("q8_0", "nl4", "q4_0"))  # 4 more points: q4_0 x 2 formats x 2 prune levels
@@ -120,6 +122,7 @@ def test_a_rerun_converts_only_the_new_candidate(local_run, source, tmp_path):
             assert new[name]["devices"]["host"]["kld_mean"] == c["devices"]["host"]["kld_mean"]
 
 
+@pytest.mark.slow
 def test_a_ray_cluster_gives_the_same_table_and_fronts(local_run, tmp_path):
     pytest.importorskip("ray")
     root, spec, local = local_run
@@ -139,6 +142,7 @@ def test_a_ray_cluster_gives_the_same_table_and_fronts(local_run, tmp_path):
     assert ray["fronts"] == local["fronts"] and ray["best"] == local["best"]
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes(source, tmp_path):
     spec = write_spec(tmp_path, source, quant=("q8_0",))
     out = tmp_path / "out"
@@ -175,6 +179,7 @@ def test_bad_specs_are_one_line(source, tmp_path):
         assert not (tmp_path / f"out-{len(what)}").exists(), what
 
 
+@pytest.mark.slow
 def test_the_sweep_report_renders_in_headless_chromium(local_run, tmp_path):
     from tests.test_report_html import _chromium
 
