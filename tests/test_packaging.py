@@ -132,7 +132,8 @@ RUNTIME_EXTRA = {"llamacpp.py": "llamacpp", "onnxruntime.py": "onnx", "onnxrunti
 FOREIGN_EXTRA = {"runtimes/optimum_onnx.py": "optimum", "runtimes/ort_genai.py": "genai", "edgekit/hf_export.py": "all",
                  # the server: its own extra, so an app installs it without torch
                  **{f"edgekit/serve/{m}.py": "serve" for m in ("__init__", "app", "pool", "schemas", "metrics", "stops")},
-                 "edgekit/httpbody.py": "serve",  # shared by serve and agent (both extras hold fastapi)
+                 "edgekit/httpbody.py": "serve",
+                 "edgekit/sweep/executors.py": "sweep",  # Ray, only for --ray  # shared by serve and agent (both extras hold fastapi)
                  # the device side of `edgekit agent`: its own extra, no torch (client / devices / remote run on the host)
                  **{f"edgekit/agent/{m}.py": "agent" for m in ("__init__", "app", "jobs", "spec", "store", "worker", "auth",
                                                                "device", "energy")}}
