@@ -190,3 +190,24 @@ def test_the_sweep_report_renders_in_headless_chromium(local_run, tmp_path):
     for dev in ("host", "raspberry-pi-5"):
         assert f"<h3>{dev}</h3>" in dom
     assert result["best"]["host"] in dom
+
+
+@pytest.mark.slow
+def test_a_sweep_measures_on_an_agent_device(source, tmp_path):
+    from tests.test_agent import start_agent, stop
+
+    proc, url, token = start_agent(tmp_path / "storage", tmp_path / "agent.log")
+    env = {"EDGEKIT_CONFIG_DIR": str(tmp_path / "config")}
+    try:
+        assert run_cli("devices", "add", "loop", url, "--token", token, env=env).returncode == 0
+        spec = write_spec(tmp_path, source, quant=("q8_0",))
+        text = spec.read_text().replace('format = ["gguf", "onnx"]', 'format = ["gguf"]').replace("prune = [0.0, 0.25]", "prune = [0.0]")
+        spec.write_text(text.replace('targets = ["host", "raspberry-pi-5"]', 'targets = ["host", "agent:loop"]'))
+        r = run_cli("sweep", str(spec), "-o", str(tmp_path / "out"), "--json", env=env, timeout=1500)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        stop(proc)
+    (c,) = json.loads(r.stdout)["candidates"]
+    host, dev = c["devices"]["host"], c["devices"]["agent:loop"]
+    assert host["how"] == dev["how"] == "measured" and dev["decode_tok_s"] > 0
+    assert abs(host["kld_mean"] - dev["kld_mean"]) <= 1e-6  # the device scores against the same reference statistics
