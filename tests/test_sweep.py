@@ -1,6 +1,7 @@
 """`edgekit sweep` on a tiny model (8 minutes here, so in `make test-slow` except the spec checks): the local
-pool and a real local Ray cluster give the same table and fronts; a re-run converts only what is missing; a sweep killed mid-way resumes; a failing candidate is recorded and the
-rest go on; the report page renders in headless Chromium."""
+pool and a real local Ray cluster give the same table and fronts; a re-run converts only what is missing; a
+sweep killed mid-way resumes; a failing candidate is recorded and the rest go on; a device reached through
+`edgekit agent` is measured; the report page renders in headless Chromium."""
 
 from __future__ import annotations
 
