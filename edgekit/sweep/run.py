@@ -37,7 +37,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, workers: int | None = None, ray:
     from edgekit.sources import resolve
     from edgekit.targets.profiles import get_profile
 
-    out = Path(out)
+    out = Path(out).resolve()  # task results name artifacts by path: the same from every worker
     t_start = time.perf_counter()
     src = resolve(spec.model)  # a missing source is one line before any work
     measured = [d for d in spec.targets if d == "host" or d.startswith("agent:")]
