@@ -295,18 +295,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
         ref, ref_why = (_explicit_reference(reference), None) if reference is not None else _manifest_reference(manifest)
         if reference is not None and ref.opens is not None:
             _reference_tokens(file, ref, text)
-    result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": model_bytes(file)}
-    if fmt == "gguf":
-        from edgekit.converters.gguf_layout import gguf_weight_stats
-
-        stats = gguf_weight_stats(file)
-        result.update(bits_per_weight=stats["bits_per_weight"], parameters=stats["parameters"],
-                      tensor_types=stats["tensor_types"])
-    elif manifest:
-        result["bits_per_weight"] = manifest.get("bits_per_weight")
-    if manifest:
-        result["recipe"] = manifest.get("recipe", {}).get("quant")
-        result["recipe_label"] = manifest.get("recipe", {}).get("label", result["recipe"])
+    result = artifact_summary(file, fmt, manifest)
 
     progress("speed and memory (separate process)", 0, 1)
     speed = measure(str(file), text, speed_cfg)
@@ -325,6 +314,23 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
     result["host"] = host_info()
     save_profile_result(file, result)
     result.update(predictions(file, speed, text, targets, context, prompt_tokens, profiles, cloud_url))
+    return result
+
+
+def artifact_summary(file: Path, fmt: str, manifest: dict | None) -> dict[str, Any]:
+    """The profile's first keys: what the artifact is (file, format, size, bits per weight, recipe)."""
+    result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": model_bytes(file)}
+    if fmt == "gguf":
+        from edgekit.converters.gguf_layout import gguf_weight_stats
+
+        stats = gguf_weight_stats(file)
+        result.update(bits_per_weight=stats["bits_per_weight"], parameters=stats["parameters"],
+                      tensor_types=stats["tensor_types"])
+    elif manifest:
+        result["bits_per_weight"] = manifest.get("bits_per_weight")
+    if manifest:
+        result["recipe"] = manifest.get("recipe", {}).get("quant")
+        result["recipe_label"] = manifest.get("recipe", {}).get("label", result["recipe"])
     return result
 
 

@@ -73,7 +73,6 @@ def profile_on_device(artifact: str | Path, device: str, token: str | None = Non
                       targets: list[str] = (), profile_dirs: list[str] | None = None, backend: dict | None = None,
                       timeout_s: float = 1800) -> dict[str, Any]:
     from edgekit import profile as lp
-    from edgekit.cache import model_bytes
     from edgekit.session import resolve_artifact, runtime_of
 
     speed_cfg = speed_cfg or SpeedConfig()
@@ -92,18 +91,7 @@ def profile_on_device(artifact: str | Path, device: str, token: str | None = Non
         profiles = {t: get_profile(t, profile_dirs) for t in targets if t != "host"}
     text, label = read_text(eval_text, "eval")
     fmt = (manifest or {}).get("artifact", {}).get("format") or rt.format
-    result: dict[str, Any] = {"artifact": str(file), "format": fmt, "size_bytes": model_bytes(file)}
-    if fmt == "gguf":
-        from edgekit.converters.gguf_layout import gguf_weight_stats
-
-        stats = gguf_weight_stats(file)
-        result.update(bits_per_weight=stats["bits_per_weight"], parameters=stats["parameters"],
-                      tensor_types=stats["tensor_types"])
-    elif manifest:
-        result["bits_per_weight"] = manifest.get("bits_per_weight")
-    if manifest:
-        result["recipe"] = manifest.get("recipe", {}).get("quant")
-        result["recipe_label"] = manifest.get("recipe", {}).get("label", result["recipe"])
+    result = lp.artifact_summary(file, fmt, manifest)
 
     cfg = EvalConfig(max_tokens=eval_tokens)
     qblob, qextra, qnote = None, {}, None

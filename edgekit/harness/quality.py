@@ -159,40 +159,6 @@ def tokenizer_agreement(ref_ids: list[int], ids: list[int]) -> str | None:
             f"both were scored on the reference's tokens")
 
 
-def quality_between(open_model: Callable[[], Any], open_reference: Callable[[], Any], reference_id: str,
-                    ids: list[int], label: str, cfg: EvalConfig = EvalConfig(),
-                    progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Quality of one session against another (any runtimes) on the same token ids.
-
-    ``open_*`` return sessions with ``logits(ids)`` and ``close()``. The reference is opened only on
-    a statistics cache miss and closed before the model is opened, so the two never share memory
-    (an f16 reference next to its quantized artifact would double the footprint).
-    """
-    wins = windows(ids, cfg)
-    if not wins:
-        raise InputError(f"the evaluation text has {len(ids)} tokens, fewer than one 32-token window",
-                         "pass a longer --eval-text")
-    holder: dict[str, Any] = {}
-
-    def ref_logits(w: list[int]) -> np.ndarray:
-        if "ref" not in holder:
-            holder["ref"] = open_reference()
-        return holder["ref"].logits(w)
-
-    tick = (lambda d, t: progress("reference logits", d, t)) if progress else None
-    try:
-        ref = reference_stats(reference_id, wins, ref_logits, cfg.topk, tick)
-    finally:
-        if "ref" in holder:
-            holder["ref"].close()
-
-    session = open_model()
-    try:
-        return score_session(session, ref, wins, cfg, label, progress)
-    finally:
-        session.close()
-
-
 def score_session(session: Any, ref: Any, wins: list[list[int]], cfg: "EvalConfig", label: str,
                   progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Statistics of ``session``'s logits on ``wins`` against the reference statistics ``ref``."""
