@@ -65,3 +65,42 @@ class BodyLimit:
         resp = error_response(self.status_too_large, f"the request body exceeds the server's limit of {limit} bytes",
                               "request_too_large")
         await resp(scope, receive, send)
+
+
+def bind(host: str, port: int):
+    """(listening socket, host as it goes in a URL, port): bound before the app starts, so a taken port is one line."""
+    import socket
+
+    from edgekit.errors import InputError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})", "pick another --port (0 picks a free one)") from None
+    return sock, (f"[{host}]" if family == socket.AF_INET6 else host), sock.getsockname()[1]
+
+
+def run_server(app, sock, on_started: Callable[[], None], **uvicorn_options) -> None:
+    """Serve ``app`` with uvicorn on ``sock`` until interrupted; ``on_started()`` once it accepts connections."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off",
+                            **uvicorn_options)
+    server = uvicorn.Server(config)
+
+    async def started():
+        while not server.started:
+            await asyncio.sleep(0.01)
+        on_started()
+
+    async def main():
+        watcher = asyncio.ensure_future(started())
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            watcher.cancel()
+
+    asyncio.run(main())

@@ -8,7 +8,6 @@ Loopback by default. Listening on another interface needs ``--allow-remote``; wi
 from __future__ import annotations
 
 import ipaddress
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ def is_loopback(host: str) -> bool:
 def run_agent(cfg: AgentConfig, ready=None) -> None:
     """Open the storage, bind the socket, serve until interrupted; ``ready(url, token, created)`` once listening."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only to say what is missing before any work
 
         from edgekit.agent.app import AgentLimits, create_app
     except ImportError as exc:
@@ -74,37 +73,13 @@ def run_agent(cfg: AgentConfig, ready=None) -> None:
     token, created = auth.load_or_create(Path(cfg.token_file).expanduser() if cfg.token_file else storage / "token")
     runner = JobRunner(store, cfg.max_queue, cfg.max_job_memory_bytes, cfg.max_job_timeout_s)
     app = create_app(store, runner, token, AgentLimits(1 << 20, cfg.max_chunk_bytes, cfg.body_timeout_s))
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((cfg.host, cfg.port))
-    except OSError as exc:
-        raise InputError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})", "pick another --port (0 picks a free one)") from None
-    port = sock.getsockname()[1]
+    from edgekit.httpbody import bind, run_server
+
+    sock, host, port = bind(cfg.host, cfg.port)
     tls = cfg.tls_cert is not None
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off",
-                            ssl_certfile=str(cfg.tls_cert) if tls else None, ssl_keyfile=str(cfg.tls_key) if tls else None,
-                            timeout_keep_alive=30)
-    server = uvicorn.Server(config)
-    host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
     url = f"{'https' if tls else 'http'}://{host}:{port}"
-
-    import asyncio
-
-    async def _started():
-        while not server.started:
-            await asyncio.sleep(0.01)
-        (ready or announce)(url, token, created, cfg, tls)
-
-    async def _main():
-        watcher = asyncio.ensure_future(_started())
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            watcher.cancel()
-
-    asyncio.run(_main())
+    run_server(app, sock, lambda: (ready or announce)(url, token, created, cfg, tls), timeout_keep_alive=30,
+               ssl_certfile=str(cfg.tls_cert) if tls else None, ssl_keyfile=str(cfg.tls_key) if tls else None)
 
 
 def announce(url: str, token: str, created: bool, cfg: AgentConfig, tls: bool) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +101,7 @@ def open_pools(cfg: ServeConfig, metrics):
 def serve(cfg: ServeConfig, ready=lambda url, pools: None) -> None:
     """Open the models, bind the socket, serve until interrupted; ``ready(url, pools)`` once listening."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only to say what is missing before any work
 
         from edgekit.serve.app import Limits, create_app
         from edgekit.serve.metrics import ServerMetrics
@@ -115,38 +114,13 @@ def serve(cfg: ServeConfig, ready=lambda url, pools: None) -> None:
     metrics = ServerMetrics()
     pools = open_pools(cfg, metrics)
     try:
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((cfg.host, cfg.port))
-        except OSError as exc:
-            raise InputError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})",
-                             "pick another --port (0 picks a free one)") from None
-        port = sock.getsockname()[1]
+        from edgekit.httpbody import bind, run_server
+
+        sock, host, port = bind(cfg.host, cfg.port)
         app = create_app(pools, metrics, key, Limits(cfg.max_tokens, cfg.max_body_bytes,
                                                           body_timeout_s=cfg.body_timeout_s))
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                                lifespan="off")
-        server = uvicorn.Server(config)
-        host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
         url = f"http://{host}:{port}/v1"
-
-        async def _started():  # after uvicorn is accepting connections
-            while not server.started:
-                await __import__("asyncio").sleep(0.01)
-            ready(url, pools)
-
-        import asyncio
-
-        async def _main():
-            watcher = asyncio.ensure_future(_started())
-            try:
-                await server.serve(sockets=[sock])
-            finally:
-                watcher.cancel()
-
-        asyncio.run(_main())
+        run_server(app, sock, lambda: ready(url, pools))
     finally:
         for p in pools:
             p.close()
