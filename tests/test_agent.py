@@ -23,42 +23,16 @@ import psutil
 import pytest
 
 from tests.conftest import run_cli, tiny_model
+from tests.test_serve import _free_port, start_cli
+from tests.test_serve import _stop as stop
 
 EDGEKIT = str(Path(sys.executable).parent / "edgekit")
 MB = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_agent(storage: Path, log: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str, str]:
-    port = _free_port()
-    proc = subprocess.Popen([EDGEKIT, "agent", "--storage", str(storage), "--port", str(port), *extra],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"edgekit agent exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url, (storage / "token").read_text().strip()
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"edgekit agent did not answer /health: {log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    proc, url = start_cli("agent", ["--storage", str(storage), *extra], log, env)
+    return proc, url, (storage / "token").read_text().strip()
 
 
 def raw(url: str, path: str, body: bytes | None = None, token: str | None = None, method: str | None = None,

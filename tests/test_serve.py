@@ -33,15 +33,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_cli(verb: str, args: list[str], log: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``edgekit VERB ARGS --port P`` as a process, once its /health answers: (process, base URL)."""
+    import os
+
     port = _free_port()
-    out = open(log, "w")
-    proc = subprocess.Popen([EDGEKIT, "serve", *args, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([EDGEKIT, verb, *args, "--port", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"edgekit serve exited {proc.returncode}: {log.read_text()[-2000:]}")
+            pytest.fail(f"edgekit {verb} exited {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -49,7 +52,11 @@ def _start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.2)
     proc.kill()
-    pytest.fail(f"edgekit serve did not answer /health in 120 s: {log.read_text()[-2000:]}")
+    pytest.fail(f"edgekit {verb} did not answer /health in 120 s: {log.read_text()[-2000:]}")
+
+
+def _start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    return start_cli("serve", args, log)
 
 
 def _stop(proc: subprocess.Popen) -> None:
