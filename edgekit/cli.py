@@ -94,6 +94,11 @@ def convert(
     _console().print(manifest_table(manifest, out))
 
 
+DRAFT_HELP = ("Decode speculatively: 'prompt-lookup' (n-grams of the prompt) or a smaller artifact of the same "
+              "tokenizer (e.g. a pruned or lower-bit one); greedy output is unchanged.")
+KV_TYPE_HELP = "KV-cache storage: f16 (llama.cpp's default), q8_0 or q4_0 (llama.cpp, with flash attention)."
+
+
 @app.command()
 def run(
     artifact: Path = typer.Argument(..., help="Artifact directory or model file."),
@@ -101,15 +106,28 @@ def run(
     max_tokens: int = typer.Option(128, help="Maximum tokens to generate."),
     raw: bool = typer.Option(False, "--raw", help="Continue the text as-is instead of applying the chat template."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
+    draft: Optional[str] = typer.Option(None, "--draft", help=DRAFT_HELP),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_TYPE_HELP),
+    stats: bool = typer.Option(False, "--stats", help="Print decode speed (and the draft's acceptance) to stderr."),
 ) -> None:
     """Stream a reply from an artifact."""
+    import time
+
     import edgekit
 
-    with edgekit.load(artifact) as session:
+    opts = {k: v for k, v in (("draft", draft), ("kv_type", kv_type)) if v is not None}
+    with edgekit.load(artifact, **opts) as session:
+        t0 = time.perf_counter()
         for piece in session.generate(prompt, max_tokens=max_tokens, stream=True, temperature=temperature, chat=not raw):
             sys.stdout.write(piece)
             sys.stdout.flush()
+        spec = session.last_speculation
     sys.stdout.write("\n")
+    if stats:
+        dt = time.perf_counter() - t0
+        line = f"{dt:.2f} s" + (f", draft {spec['draft']}: {spec['accepted']}/{spec['drafted']} drafted tokens accepted, "
+                                f"{spec['tokens_per_target_step']:.2f} tokens per target step" if spec and spec["rounds"] else "")
+        sys.stderr.write(line + "\n")
 
 
 @app.command()
@@ -140,6 +158,8 @@ def profile(
                                         "(default: $EDGEKIT_AGENT_TOKEN, or the one `edgekit devices add` stored)."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="With --device: llama.cpp layers to offload "
                                                "to the device's GPU (-1: all)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help=DRAFT_HELP),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_TYPE_HELP),
 ) -> None:
     """Measure load time, TTFT, prefill and decode speed, peak memory, size and quality on this machine or a device."""
     from edgekit.harness.speed import SpeedConfig
@@ -152,6 +172,9 @@ def profile(
         raise typer.BadParameter("--no-verify, --cloud-url, --max-memory, --no-memory-check and --context are for local profiles")
     with progress_bars(not json_out) as progress:
         cfg = SpeedConfig(reps=reps, decode_tokens=decode_tokens, **({"prompt_tokens": prompt_tokens} if prompt_tokens else {}))
+        cfg.session_options.update({k: v for k, v in (("draft", draft), ("kv_type", kv_type)) if v is not None})
+        if device and cfg.session_options:
+            raise typer.BadParameter("--draft and --kv-type are for local profiles")
         if device:
             from edgekit.agent.remote import profile_on_device
 
@@ -291,13 +314,16 @@ def serve(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip comparing the files' sha256 with their manifests "
                                    "(sizes are still compared)."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may take to arrive (408 after)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help=DRAFT_HELP),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_TYPE_HELP),
 ) -> None:
     """Serve artifacts behind an OpenAI-compatible API (chat, completions, embeddings, metrics)."""
     from edgekit.serve import ServeConfig, announce
     from edgekit.serve import serve as run_server
 
     run_server(ServeConfig(list(artifacts), host, port, api_key, parallel, queue, n_ctx, threads, max_tokens, max_body,
-                           max_memory, not no_memory_check, insecure, list(name), verify=not no_verify, body_timeout_s=body_timeout), ready=announce)
+                           max_memory, not no_memory_check, insecure, list(name), verify=not no_verify, body_timeout_s=body_timeout,
+                           draft=draft, kv_type=kv_type), ready=announce)
 
 
 @app.command()

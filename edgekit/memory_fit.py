@@ -150,7 +150,7 @@ class _Model:
                "onnxruntime": ORT_SCRATCH_PER_HEAD * self.heads}.get(self.runtime, 0.0)
         return per * n * min(N_BATCH, n)
 
-    def at(self, n_ctx: int | None = None, parallel: int = 1) -> MemoryEstimate:
+    def at(self, n_ctx: int | None = None, parallel: int = 1, kv_type: str | None = None) -> MemoryEstimate:
         if int(parallel) < 1:
             raise InputError(f"parallel must be at least 1, not {parallel}", "e.g. parallel=1")
         calibrated = self.cal is not None and bool(self.cal.points) and self.kind == "decoder"
@@ -167,7 +167,9 @@ class _Model:
                         if self.runtime == "onnxruntime" else OTHER_SESSION_BYTES)
         else:
             n = self.n_ctx(n_ctx)
-            kv = self.kv_per_token * n
+            from edgekit.targets.facts import kv_type_factor
+
+            kv = self.kv_per_token * kv_type_factor(self.runtime, kv_type) * n
             if calibrated:
                 # the calibration's peak already holds the scratch of the contexts it measured at
                 measured = max((int(c) for p in self.cal.points for c, _ in p.get("decode", [])), default=0)
@@ -181,14 +183,14 @@ class _Model:
                               self.name, self)
 
 
-def estimate(path: str | Path, n_ctx: int | None = None, parallel: int = 1) -> MemoryEstimate:
+def estimate(path: str | Path, n_ctx: int | None = None, parallel: int = 1, kv_type: str | None = None) -> MemoryEstimate:
     """The predicted peak of ``parallel`` sessions of the artifact at ``path`` opened with ``n_ctx`` (default:
     the session's own, 2048 for decoders, clamped to the longest context the artifact holds). Reads only
     the artifact's header or graph; an artifact whose facts cannot be read is one :class:`InputError`."""
     from edgekit.session import resolve_artifact, runtime_of
 
     file, named, _ = resolve_artifact(path)
-    return _read(file, runtime_of(file, named)).at(n_ctx, parallel)
+    return _read(file, runtime_of(file, named)).at(n_ctx, parallel, kv_type)
 
 
 def _read(file: Path, rt) -> _Model:
@@ -349,7 +351,8 @@ def check_fits(path: str | Path, n_ctx: int | None = None, parallel: int = 1, ma
     return est
 
 
-def guard(file: Path, rt, n_ctx: int | None = None, max_memory: int | str | None = None) -> MemoryEstimate | None:
+def guard(file: Path, rt, n_ctx: int | None = None, max_memory: int | str | None = None,
+          kv_type: str | None = None) -> MemoryEstimate | None:
     """What ``edgekit.load`` and ``edgekit profile`` run before opening ``file`` with runtime ``rt``: a bad
     ``max_memory`` and a model that does not fit are errors; a runtime that cannot run here (Core ML off
     macOS) and facts that cannot be read skip the check (the runtime's own open then says what is wrong)."""
@@ -360,7 +363,7 @@ def guard(file: Path, rt, n_ctx: int | None = None, max_memory: int | str | None
         model = _read(Path(file), rt)
     except Exception:  # noqa: BLE001 (unreadable facts must not stop a load the runtime may still manage)
         return None
-    est = model.at(n_ctx, 1)
+    est = model.at(n_ctx, 1, kv_type)
     _require(est, limit, where)
     return est
 

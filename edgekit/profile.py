@@ -273,7 +273,7 @@ def profile(artifact: str | Path, eval_text: str | None = None, reference: str |
     if why:  # the runtime does not exist on this OS (Core ML off macOS): size, bits/weight, predictions
         return unmeasured_profile(file, rt, kind, manifest, why, list(targets), profile_dirs, context, prompt_tokens)
     if check_memory:  # one line now rather than a child killed for memory minutes later
-        guard(file, rt, getattr(speed_cfg, "n_ctx", None), max_memory)
+        guard(file, rt, speed_cfg.session_options.get("n_ctx"), max_memory, speed_cfg.session_options.get("kv_type"))
     profiles = {}
     if targets:  # fail on an unknown target before minutes of measuring
         from edgekit.targets.profiles import get_profile
@@ -367,7 +367,7 @@ def predictions(file: Path, speed: dict[str, Any], text: str, targets, context, 
     from edgekit.targets.host import host_figures
 
     try:
-        facts = artifact_facts(file)
+        facts = artifact_facts(file).with_kv_type(speed["settings"].get("session_options", {}).get("kv_type"))
     except EdgekitError as exc:  # every artifact gets a roofline figure: say why this one has none
         return {"predictions_note": f"skipped: {exc.one_line()}"}
     host = host_figures()

@@ -70,11 +70,23 @@ def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = T
 
     An artifact directory's files must have the sizes its manifest lists; ``verify=True`` compares their
     sha256 too (a flipped byte is refused in one line; digests are remembered per path, size and mtime).
+
+    ``draft``: decode speculatively (:mod:`edgekit.runtimes.speculative`) with "prompt-lookup" or a smaller
+    artifact of the same tokenizer; greedy output is unchanged, only faster when the draft is often right.
     """
     file, named, _ = resolve_artifact(path, verify)
     rt = RUNTIMES.get(runtime) if runtime else runtime_of(file, named)
+    draft = options.pop("draft", None)
     if check_memory and not options.get("vocab_only"):
         from edgekit.memory_fit import guard
 
-        guard(file, rt, options.get("n_ctx"), max_memory)
-    return rt.open(file, **options)
+        guard(file, rt, options.get("n_ctx"), max_memory, options.get("kv_type"))
+    session = rt.open(file, **options)
+    if draft is not None:
+        try:  # the draft opens with the target's context and threads (its own runtime's defaults otherwise)
+            shared = {k: options[k] for k in ("n_ctx", "n_threads") if k in options}
+            session.use_draft(draft, check_memory=check_memory, verify=verify, **shared)
+        except BaseException:
+            session.close()
+            raise
+    return session

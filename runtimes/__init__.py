@@ -81,6 +81,50 @@ class TextSession(SessionLifetime):
         pieces = self.decode_stream(self.stream_tokens(ids, max_tokens, temperature))
         return pieces if stream else "".join(pieces)
 
+    # ------------------------------------------------------------------ speculative decoding
+
+    _drafter = None
+    last_speculation: dict[str, Any] | None = None
+
+    def use_draft(self, draft: Any, **load_options: Any) -> None:
+        """Decode speculatively from now on: ``draft`` is "prompt-lookup" (n-grams of the prompt and the output),
+        an artifact of the same tokenizer (opened with ``load_options``), an open session, or None (stop).
+        Greedy output stays exactly the session's own; sampling keeps its distribution."""
+        from edgekit.errors import InputError
+
+        self.close_draft()
+        if draft is None:
+            return
+        if not hasattr(self, "_spec_feed"):
+            raise InputError(f"{self.runtime} sessions cannot verify drafts", "use a GGUF or ONNX artifact for speculative decoding")
+        from edgekit.runtimes.speculative import open_drafter
+
+        self._drafter = open_drafter(draft, self, load_options)
+
+    def close_draft(self) -> None:
+        if self._drafter is not None:
+            self._drafter.close()
+            self._drafter = None
+
+    @property
+    def draft(self) -> str | None:
+        return None if self._drafter is None else self._drafter.name
+
+    def _speculate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                   eos_ids: set[int], ignore_eos: bool) -> Iterator[int]:
+        import numpy as np
+
+        from edgekit.runtimes.speculative import SpecStats, speculative_stream
+
+        stats = SpecStats()
+        self.last_speculation = None
+        rng = np.random.default_rng(seed)
+        try:
+            yield from speculative_stream(self, self._drafter, ids, max_tokens, temperature, top_p, rng, eos_ids,
+                                          ignore_eos, self.n_ctx, stats)
+        finally:
+            self.last_speculation = stats.to_dict() | {"draft": self._drafter.name if self._drafter else None}
+
     def decode_stream(self, tokens: Iterator[int]) -> Iterator[str]:
         """Text pieces of a stream of token ids (what streaming clients print)."""
         # a token can end in the middle of a UTF-8 character: decode incrementally

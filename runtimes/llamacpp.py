@@ -42,6 +42,10 @@ def _llama_cpp():
     return llama_cpp
 
 
+# KV cache element types llama.cpp accepts for K and V (ggml type ids)
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
@@ -52,8 +56,18 @@ class LlamaCppSession(TextSession):
     runtime = "llamacpp"
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_batch: int = 512, vocab_only: bool = False, n_gpu_layers: int = 0):
+                 n_batch: int = 512, vocab_only: bool = False, n_gpu_layers: int = 0, kv_type: str | None = None,
+                 flash_attn: bool | None = None):
         llama_cpp = _llama_cpp()
+        self._lib = llama_cpp
+        kv_type = kv_type or "f16"
+        if kv_type not in KV_TYPES:
+            raise InputError(f"unknown kv_type '{kv_type}'", f"use one of {', '.join(KV_TYPES)}")
+        self.kv_type = kv_type
+        # llama.cpp stores a quantized V cache only with flash attention; otherwise it keeps its own default
+        self.flash_attn = bool(flash_attn) if flash_attn is not None else kv_type != "f16"
+        if kv_type != "f16" and not self.flash_attn:
+            raise InputError(f"a {kv_type} KV cache needs flash attention in llama.cpp", "drop flash_attn=False")
         self.path = str(path)
         if not Path(self.path).is_file():
             raise InputError(f"{self.path} does not exist", "check the path")
@@ -65,6 +79,7 @@ class LlamaCppSession(TextSession):
             self._llm = llama_cpp.Llama(
                 model_path=self.path, n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
                 n_batch=n_batch, vocab_only=vocab_only, verbose=False, n_gpu_layers=n_gpu_layers,
+                flash_attn=self.flash_attn, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
             )
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"llama.cpp could not load {self.path} ({exc})", "re-export the model") from None
@@ -78,6 +93,9 @@ class LlamaCppSession(TextSession):
         self.n_ctx = min(self._llm.n_ctx(), int(n_ctx)) if n_ctx else self._llm.n_ctx()
         self.n_vocab = self._llm.n_vocab()
         self._batch = None
+        self._drafter = None
+        self._n_past = 0  # positions in the KV cache (the low-level paths below keep it)
+        self._one = (llama_cpp.llama_token * 1)()
 
     # ------------------------------------------------------------------ text
 
@@ -112,30 +130,118 @@ class LlamaCppSession(TextSession):
 
     # ------------------------------------------------------------------ generation
 
+    # The generation loop drives llama.cpp's C API directly (llama_decode on a one-token batch, the C sampler
+    # chain reading the logits where llama.cpp left them): llama-cpp-python's generate() adds Python work per
+    # token (a batch refilled field by field, the token history copied, a KV-cache trim call) that costs a
+    # 135M model several percent of its decode speed.
+
+    def _clear(self) -> None:
+        self._llm.reset()
+        self._lib.llama_memory_clear(self._llm._ctx.memory, True)
+        self._n_past = 0
+
+    def _decode(self, ids: Sequence[int], all_logits: bool = False) -> None:
+        """Run ``ids`` after the cached positions, in chunks of n_batch; logits kept for the last position
+        (every position with ``all_logits``: only for one chunk)."""
+        lib, ctx = self._lib, self._llm._ctx.ctx
+        n_batch = self._llm.n_batch
+        if self._n_past + len(ids) > self.n_ctx:
+            raise InputError(f"{self._n_past + len(ids)} tokens exceed the context of {self.n_ctx}",
+                             "shorten the prompt or open the session with a larger n_ctx")
+        for i in range(0, len(ids), n_batch):
+            chunk = list(ids[i : i + n_batch])
+            if all_logits:
+                from llama_cpp._internals import LlamaBatch
+
+                if self._batch is None:
+                    self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1)
+                self._batch.set_batch(batch=chunk, n_past=self._n_past, logits_all=True)
+                rc = lib.llama_decode(ctx, self._batch.batch)
+            else:
+                arr = self._one if len(chunk) == 1 else (lib.llama_token * len(chunk))(*chunk)
+                if len(chunk) == 1:
+                    arr[0] = chunk[0]
+                rc = lib.llama_decode(ctx, lib.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                raise InputError(f"llama.cpp could not decode ({'no room in the KV cache' if rc == 1 else f'code {rc}'})",
+                                 "open the session with a larger n_ctx")
+            self._n_past += len(chunk)
+
+    def _sampler(self, temperature: float, top_p: float, seed: int | None):
+        """The C sampler chain: greedy, or top-k 40, temperature, then the nucleus top_p (the order every edgekit
+        runtime and the speculative sampler use), drawn from ``seed`` (a fresh seed unless given)."""
+        lib = self._lib
+        params = lib.llama_sampler_chain_default_params()
+        chain = lib.llama_sampler_chain_init(params)
+        if temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(40))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(float(temperature)))
+        if top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(float(top_p), 1))
+        s = int(seed) & 0xFFFFFFFF if seed is not None else random.getrandbits(32)
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(s))
+        return chain
+
     def prefill(self, prompt_ids: Sequence[int]) -> None:
         """Evaluate a prompt from an empty cache without sampling (what prefill speed measures)."""
-        self._llm.reset()
-        self._llm.eval(list(prompt_ids))
+        self._clear()
+        if prompt_ids:
+            self._decode(prompt_ids)
 
     def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
                       ignore_eos: bool = False, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """Greedy (or sampled: top-k 40, then ``top_p``; ``seed`` makes it repeatable) token ids after a fresh
         prefill of ``prompt_ids``; stops at end-of-sequence unless ``ignore_eos`` (benchmarks want a fixed
-        number of decode steps)."""
-        if len(prompt_ids) + max_tokens > self.n_ctx:
-            raise InputError(f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
+        number of decode steps). With a draft (:meth:`use_draft`) the same tokens come speculatively."""
+        ids = list(prompt_ids)
+        if not ids:
+            raise InputError("the prompt is empty", "pass at least one token")
+        if len(ids) + max_tokens > self.n_ctx:
+            raise InputError(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
                              "shorten the prompt or open the session with a larger n_ctx")
-        self._llm.reset()
-        # the sampler chain is built per generate() call from this seed: a fresh one unless asked
-        self._llm.set_seed(int(seed) & 0xFFFFFFFF if seed is not None else random.getrandbits(32))
         eos = self._llm.token_eos()
-        for n, tok in enumerate(self._llm.generate(list(prompt_ids), temp=temperature, top_k=1 if temperature == 0 else 40,
-                                                   top_p=top_p, min_p=0.0, repeat_penalty=1.0, reset=False)):
-            if tok == eos and not ignore_eos:
-                return
-            yield tok
-            if n + 1 >= max_tokens:
-                return
+        if self._drafter is not None:
+            yield from self._speculate(ids, max_tokens, temperature, top_p, seed, {eos}, ignore_eos)
+            return
+        lib, ctx = self._lib, self._llm._ctx.ctx
+        self._clear()
+        self._decode(ids)
+        chain = self._sampler(temperature, top_p, seed)
+        try:
+            for n in range(max_tokens):
+                tok = lib.llama_sampler_sample(chain, ctx, -1)
+                if tok == eos and not ignore_eos:
+                    return
+                yield tok
+                if n + 1 >= max_tokens:
+                    return
+                self._one[0] = tok
+                if lib.llama_decode(ctx, lib.llama_batch_get_one(self._one, 1)) != 0:
+                    raise InputError("llama.cpp could not decode (no room in the KV cache)", "open the session with a larger n_ctx")
+                self._n_past += 1
+        finally:
+            lib.llama_sampler_free(chain)
+
+    # ------------------------------------------------------------------ speculative decoding (runtimes/speculative.py)
+
+    def _spec_reset(self) -> None:
+        self._clear()
+
+    def _spec_feed(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        n = len(ids)
+        if all_logits and n > self._llm.n_batch:
+            raise InputError(f"{n} draft tokens exceed the batch of {self._llm.n_batch}", "draft fewer tokens")
+        self._decode(ids, all_logits=all_logits)
+        rows = n if all_logits else 1
+        got = np.ctypeslib.as_array(self._lib.llama_get_logits(self._llm._ctx.ctx), shape=(rows * self.n_vocab,))
+        return got.reshape(rows, self.n_vocab).copy()
+
+    def _spec_truncate(self, n_past: int) -> None:
+        if n_past < self._n_past:
+            self._lib.llama_memory_seq_rm(self._llm._ctx.memory, 0, n_past, -1)
+        self._n_past = min(self._n_past, n_past)
 
     # ------------------------------------------------------------------ scoring
 
@@ -160,6 +266,7 @@ class LlamaCppSession(TextSession):
             out[i : i + len(chunk)] = rows.reshape(len(chunk), self.n_vocab)
         llm._ctx.kv_cache_clear()
         llm.reset()
+        self._n_past = 0
         return out
 
     # ------------------------------------------------------------------ lifetime
@@ -167,9 +274,11 @@ class LlamaCppSession(TextSession):
     def sibling(self) -> "LlamaCppSession":
         """A second session over the same file: llama.cpp memory-maps the weights, so the pages are shared
         and each sibling adds only its KV cache and compute buffers."""
-        return LlamaCppSession(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self._llm.n_batch)
+        return LlamaCppSession(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self._llm.n_batch,
+                               kv_type=self.kv_type, flash_attn=self.flash_attn)
 
     def close(self) -> None:
+        self.close_draft()
         if getattr(self, "_llm", None) is not None:
             self._llm.close()
             self._llm = None

@@ -76,8 +76,11 @@ class OnnxRuntimeSession(TokenizerJsonSession):
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
                  vocab_only: bool = False, graph_optimization_level: str = "all", enable_profiling: bool = False,
-                 profile_prefix: str | None = None, seed: int | None = None, _shared=None):
+                 profile_prefix: str | None = None, seed: int | None = None, kv_type: str | None = None, _shared=None):
         self.path = str(path)
+        if kv_type not in (None, "f32"):
+            raise InputError(f"ONNX Runtime sessions keep the KV cache in float32, not {kv_type}",
+                             "drop kv_type, or use a GGUF artifact (llama.cpp stores q8_0 / q4_0 caches)")
         p = Path(self.path)
         if not p.is_file():
             raise InputError(f"{self.path} does not exist", "check the path")
@@ -180,6 +183,20 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         self._n_past = total
         return self._logits[0].copy()
 
+    # ------------------------------------------------------------------ speculative decoding (runtimes/speculative.py)
+
+    def _spec_reset(self) -> None:
+        self._need_session()
+        self.reset()
+
+    def _spec_feed(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        out = self._forward(ids, keep="all" if all_logits else "last")
+        return out if all_logits else out[None, :]
+
+    def _spec_truncate(self, n_past: int) -> None:
+        # positions past seqlens_k are never read and the next step overwrites them in place
+        self._n_past = min(self._n_past, n_past)
+
     # ------------------------------------------------------------------ lifetime
 
     def sibling(self) -> "OnnxRuntimeSession":
@@ -193,6 +210,7 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         return self._sess.end_profiling() if self._sess is not None else None
 
     def close(self) -> None:
+        self.close_draft()
         self._cache = []
         self._io = None
         self._sess = None

@@ -180,14 +180,9 @@ class TokenizerJsonSession(TextSession):
     def _sample(self, logits: np.ndarray, temperature: float, top_p: float = 1.0, rng=None) -> int:
         if temperature <= 0:
             return int(np.argmax(logits))
-        top = np.argpartition(logits, -40)[-40:]  # top-k 40, as the llama.cpp session samples
-        top = top[np.argsort(-logits[top])]
-        z = logits[top].astype(np.float64) / temperature
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        if top_p < 1.0:  # nucleus: the smallest head of the ranking whose mass reaches top_p
-            keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
-            top, p = top[:keep], p[:keep] / p[:keep].sum()
+        from edgekit.runtimes.speculative import truncated_distribution
+
+        top, p = truncated_distribution(logits, temperature, top_p)  # top-k 40, as the llama.cpp session samples
         return int(top[(rng or self._rng).choice(len(top), p=p)])
 
     def stream_tokens(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
@@ -202,6 +197,9 @@ class TokenizerJsonSession(TextSession):
         if len(ids) + max_tokens > self.n_ctx:
             raise InputError(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx}",
                              self.context_hint)
+        if self._drafter is not None:
+            yield from self._speculate(ids, max_tokens, temperature, top_p, seed, self._eos_ids, ignore_eos)
+            return
         self.reset()
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         last = self._forward(ids, keep="last")

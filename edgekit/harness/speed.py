@@ -106,8 +106,9 @@ def measure_in_process(artifact: str, text: str, cfg: SpeedConfig) -> dict[str, 
         long = {"long_context": {"prompt_tokens": len(long_ids), "ttft_ms": statistics.median(r[0] for r in runs),
                                  "decode_tok_s": statistics.median(r[1] for r in runs)}}
     n_ctx = s.n_ctx
+    spec = getattr(s, "last_speculation", None)  # the last decode run's draft acceptance, when drafting
     s.close()
-    return {**long,
+    return {**long, **({"speculation": spec} if spec else {}),
         "n_ctx": n_ctx,
         "runtime": s.runtime,
         "n_threads": s.n_threads,

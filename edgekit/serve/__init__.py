@@ -34,6 +34,8 @@ class ServeConfig:
     names: list[str] = field(default_factory=list)
     verify: bool = True  # artifact files against their manifest's sha256 before serving
     body_timeout_s: float = 30.0  # a request body must arrive within this
+    draft: str | None = None  # decoders decode speculatively with this draft ("prompt-lookup" or an artifact)
+    kv_type: str | None = None  # llama.cpp KV-cache type (f16, q8_0, q4_0)
 
 
 def _is_loopback(host: str) -> bool:
@@ -74,7 +76,8 @@ def open_pools(cfg: ServeConfig, metrics):
         from edgekit import memory_fit
 
         parts = [memory_fit.estimate(a, n_ctx=cfg.n_ctx if kind == "decoder" else None,
-                                     parallel=cfg.parallel if kind == "decoder" else 1)
+                                     parallel=cfg.parallel if kind == "decoder" else 1,
+                                     kv_type=cfg.kv_type if kind == "decoder" else None)
                  for a, _, _, kind, _, _ in resolved]
         memory_fit.check_total(parts, [r[-1] for r in resolved], cfg.max_memory, bypass="pass --no-memory-check")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -85,11 +88,17 @@ def open_pools(cfg: ServeConfig, metrics):
             opts = {"n_threads": threads}
             if kind == "decoder" and cfg.n_ctx:
                 opts["n_ctx"] = cfg.n_ctx
+            if kind == "decoder" and cfg.kv_type:
+                opts["kv_type"] = cfg.kv_type
             # opened through the runtime itself: the guard above already counted every session
             first = rt.open(file, **opts)
             sessions = [first]
             for _ in range(cfg.parallel - 1 if kind == "decoder" else 0):
                 sessions.append(first.sibling() or rt.open(file, **opts))
+            if kind == "decoder" and cfg.draft:  # each session drafts with its own draft cache
+                for sess in sessions:
+                    sess.use_draft(cfg.draft, n_threads=threads, check_memory=False,
+                                   **({"n_ctx": cfg.n_ctx} if cfg.n_ctx else {}))
             pools.append(ModelPool(name, file, kind, sessions, cfg.queue, metrics, manifest))
     except BaseException:
         for p in pools:

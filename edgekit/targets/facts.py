@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 
 KV_BYTES_PER_VALUE = 2  # llama.cpp keeps the KV cache in f16 by default
+# bytes per cached value by KV-cache type (llama.cpp's type_k / type_v: q8_0 and q4_0 blocks of 32 values
+# with one f16 scale)
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 @dataclass
@@ -35,6 +38,31 @@ class ArtifactFacts:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"bytes_per_token": self.bytes_per_token}
+
+    def with_kv_type(self, kv_type: str | None) -> "ArtifactFacts":
+        """These facts for a session whose KV cache is stored as ``kv_type`` (llama.cpp only; None: its default)."""
+        return with_kv_type(self, kv_type)
+
+
+def kv_type_factor(runtime: str, kv_type: str | None) -> float:
+    """KV bytes per token of a ``kv_type`` cache over the runtime's default cache (llama.cpp: f16)."""
+    if kv_type is None:
+        return 1.0
+    if kv_type not in KV_TYPE_BYTES:
+        from edgekit.errors import InputError
+
+        raise InputError(f"unknown kv_type '{kv_type}'", f"use one of {', '.join(KV_TYPE_BYTES)}")
+    return KV_TYPE_BYTES[kv_type] / KV_BYTES_PER_VALUE if runtime == "llamacpp" else 1.0
+
+
+def with_kv_type(facts: "ArtifactFacts", kv_type: str | None) -> "ArtifactFacts":
+    from dataclasses import replace
+
+    f = kv_type_factor(facts.runtime, kv_type)
+    if f == 1.0:
+        return facts
+    return replace(facts, kv_bytes_per_token=int(round(facts.kv_bytes_per_token * f)),
+                   extra=dict(facts.extra) | {"kv_type": kv_type})
 
 
 # Tensors read one row per token (a gather), not streamed whole per decoded token: the untied input
