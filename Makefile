@@ -74,6 +74,10 @@ bench: setup
 	$(PY) benchmarks/bench_recipes.py --out out/bench-recipes
 	$(PY) benchmarks/bench_architectures.py
 	$(PY) benchmarks/bench_serve.py --out out/bench-serve
+	$(PY) benchmarks/bench_device_prediction.py --out out/bench-device-prediction
+	# llama-bench against edgekit's sessions, with and without speculative decoding (builds llama-bench once)
+	$(PY) benchmarks/bench_speed.py --out out/bench-speed
+	$(PY) benchmarks/bench_kv_cache.py --out out/bench-kv-cache
 	# builds llama.cpp's llama-imatrix / llama-quantize from the pinned sdist first (~25 min once)
 	$(PY) benchmarks/bench_quality.py --out out/bench-quality
 

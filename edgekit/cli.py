@@ -57,9 +57,22 @@ def convert(
     recover: Optional[int] = typer.Option(None, "--recover", help="Distillation steps after pruning / ternary (a few minutes per 100 on 2 cores)."),
     uniform: Optional[bool] = typer.Option(None, "--uniform/--per-layer", help="Prune every layer to the same width "
                                            "(default), or rank channels globally (ONNX / Core ML only)."),
+    draft_for: Optional[Path] = typer.Option(None, "--draft-for", help="Build a speculative-decoding draft for this "
+                                             "artifact from its own source model: each candidate recipe (--recipe, "
+                                             "default: half / two thirds of the layers dropped and distilled, int4) "
+                                             "is converted and measured as its draft; the fastest is kept."),
 ) -> None:
     """Convert a model into a compressed artifact, validated against the float reference."""
     from edgekit import recipes
+
+    if draft_for is not None:
+        flags = {"MODEL": model, "--quant": quant, "--target": target, "--prune": prune, "--prune-heads": prune_heads,
+                 "--rank": rank, "--recover": recover}
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            raise typer.BadParameter(f"--draft-for takes its source and format from the artifact; drop {', '.join(given)}")
+        _draft_for(draft_for, out, recipe, force, calib_text, json_out)
+        return
 
     the_recipe = None
     qat = {k: v for k, v in (("grid", qat_grid), ("tokens", qat_tokens)) if v is not None}
@@ -92,6 +105,35 @@ def convert(
     if "plan" in manifest:
         _console().print(plan_table(manifest["plan"]))
     _console().print(manifest_table(manifest, out))
+
+
+def _draft_for(target: Path, out: Path, recipe: Optional[str], force: bool, calib_text: Optional[Path], json_out: bool) -> None:
+    from rich.table import Table
+
+    from edgekit.drafts import build_draft
+    from edgekit.progress import progress_bars
+
+    err = _console(stderr=True)
+    with progress_bars(not json_out) as progress:
+        manifest = build_draft(target, out, [recipe] if recipe else None, force=force,
+                               calib_text=str(calib_text) if calib_text else None, progress=progress,
+                               log=lambda s: err.print(f"[dim]{s}[/dim]") if not json_out else None)
+    if json_out:
+        print(json.dumps(manifest, indent=2))
+        return
+    d = manifest["draft"]
+    t = Table(title=f"drafts for {target} ({d['tokens']} tokens, greedy, median of {d['rounds']} rounds)")
+    for c in ("draft", "layers", "size", "prompt", "acceptance", "tokens / target step", "tok/s without", "with", "speed-up"):
+        t.add_column(c)
+    rows = [(r["candidate"], str(r["layers"]), f"{r['size_bytes'] / 1e6:.1f} MB", r["prompts"]) for r in d["candidates"]]
+    rows.append(("prompt lookup", "", "", d["prompt_lookup"]))
+    for name, layers, size, prompts in rows:
+        for p, m in prompts.items():
+            t.add_row(name, layers, size, p, f"{m['acceptance_rate']:.0%}", f"{m['tokens_per_target_step']:.2f}",
+                      f"{m['tok_s_without']:.1f}", f"{m['tok_s_with']:.1f}", f"{m['speedup']:.2f}x")
+            name = layers = size = ""
+    _console().print(t)
+    _console().print(f"kept {d['chosen']} in {out}: {d['chosen_because']}")
 
 
 DRAFT_HELP = ("Decode speculatively: 'prompt-lookup' (n-grams of the prompt) or a smaller artifact of the same "

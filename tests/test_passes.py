@@ -229,3 +229,41 @@ def test_recipe_file_unknown_key(tmp_path):
     f.write_text('descripton = "typo"\n[[passes]]\npass = "int4"\n')
     with pytest.raises(InputError, match="unknown keys"):
         recipes.load(str(f))
+
+
+def test_drop_layers_removes_the_layer_that_does_least_and_equals_skipping_it():
+    from edgekit.architectures.torch_decoder import DecoderNet
+    from edgekit.passes.drop_layers import DropLayersPass
+
+    m = tiny_model(num_layers=5)
+    for role in ("attn.o", "mlp.down"):  # layer 2 adds nothing to the residual stream: influence 0
+        m.tensors[f"layers.2.{role}.weight"] = m.tensors[f"layers.2.{role}.weight"] * 1e-4
+    dropped = copy_model(m)
+    rec = DropLayersPass(layers=2).apply(dropped, ctx())
+    assert 2 in rec["dropped"] and 0 not in rec["dropped"] and 4 not in rec["dropped"]
+    assert min(rec["block_influence"]) == rec["block_influence"][2]
+    assert dropped.spec.num_layers == 3 and rec["layers_after"] == 3
+    assert sorted(n for n in dropped.tensors if n.startswith("layers.")) == \
+        sorted(n for n in m.tensor_order() if n.startswith(("layers.0.", "layers.1.", "layers.2.")))
+    # the shallower model computes exactly what the full model computes with those blocks skipped
+    net = DecoderNet(m)
+    net.blocks = [b for i, b in enumerate(net.blocks) if i not in rec["dropped"]]
+    with torch.inference_mode():
+        skipped = net(torch.tensor([IDS]))[0].numpy()
+    np.testing.assert_allclose(logits(dropped, IDS), skipped, atol=1e-4, rtol=1e-4)
+    with pytest.raises(EdgekitError, match="would remove 4 of 5 layers"):
+        DropLayersPass(layers=4).apply(copy_model(m), ctx())
+
+
+def test_drop_layers_recovery_distils():
+    from edgekit.passes.drop_layers import DropLayersPass
+    from edgekit import recipes
+
+    with pytest.raises(InputError, match="exactly one of fraction"):
+        recipes.check(recipes.Recipe("x", [{"pass": "drop_layers", "fraction": 0.5, "layers": 1}]))
+    assert recipes.load("draft-drop67-int4").structural == ["drop_layers"]
+    m = tiny_model(num_layers=4, intermediate_size=256)
+    rec = DropLayersPass(fraction=0.5, recover=16, lr=1e-3).apply(
+        m, PassContext(calibration_tokens=lambda: calib_seqs(8, 128), reference=tiny_model(num_layers=4, intermediate_size=256)))
+    curve = rec["recovery"]["loss_curve"]
+    assert m.spec.num_layers == 2 and len(curve) == 16 and np.mean(curve[-4:]) < np.mean(curve[:4])

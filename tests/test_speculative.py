@@ -11,7 +11,7 @@ import pytest
 import edgekit
 from edgekit.converters.gguf import GGUFExporter
 from edgekit.converters.onnx import ONNXExporter
-from edgekit.errors import InputError
+from edgekit.errors import InputError, OutputExistsError
 from edgekit.passes import PassContext
 from edgekit.passes.rtn import Q8_0Pass
 from edgekit.runtimes.speculative import (AdaptiveK, PromptLookupDrafter, SpecStats, probabilities,
@@ -145,3 +145,36 @@ def test_a_draft_of_another_tokenizer_is_one_line(models, tmp_path):
     path = _export(other, tmp_path / "other", "gguf")
     with pytest.raises(InputError, match="another tokenizer \\(token 300 differs\\)"):
         edgekit.load(models["gguf"]["target"], draft=path)
+
+
+def test_draft_for_builds_candidates_measures_them_and_keeps_the_fastest(tmp_path):
+    """`convert --draft-for`: drafts from the target's own source (layers dropped + distilled), each measured as the
+    target's draft with identical greedy tokens; the kept one's manifest says why, and bad targets are one line."""
+    from edgekit.drafts import build_draft
+    from edgekit.manifest import read_manifest
+    from edgekit.pipeline import ConvertRequest, convert
+    from tests.tiny_archs import save_hf_dir
+
+    src = tmp_path / "src"
+    save_hf_dir("llama", src, num_hidden_layers=4)
+    convert(ConvertRequest(str(src), "gguf", "f16", tmp_path / "target"))
+    recipes = []
+    for n in (1, 2):
+        r = tmp_path / f"drop{n}.toml"
+        r.write_text(f'[[passes]]\npass = "drop_layers"\nlayers = {n}\nrecover = 4\n[[passes]]\npass = "q8_0"\n')
+        recipes.append(str(r))
+    man = build_draft(tmp_path / "target", tmp_path / "draft", recipes, tokens=12, rounds=1)
+    d = man["draft"]
+    assert [c["layers"] for c in d["candidates"]] == [3, 2]
+    assert read_manifest(tmp_path / "draft")["draft"] == d
+    for c in d["candidates"] + [{"prompts": d["prompt_lookup"]}]:
+        for m in c["prompts"].values():
+            assert m["identical_greedy"] and m["speedup"] > 0 and 0 <= m["acceptance_rate"] <= 1
+    assert d["chosen"] in {Path(r).name for r in recipes} | set(recipes)
+    assert not (tmp_path / ".draft.candidates").exists()
+    with edgekit.load(tmp_path / "target", draft=tmp_path / "draft") as s:  # the kept draft drives the target
+        assert s.draft is not None and len(list(s.stream_tokens(s.tokenize("Hello"), 8, ignore_eos=True))) == 8
+    with pytest.raises(InputError, match="not an artifact directory"):
+        build_draft(tmp_path / "src", tmp_path / "d2", recipes)
+    with pytest.raises(OutputExistsError, match="exists and is not empty"):
+        build_draft(tmp_path / "target", tmp_path / "draft", recipes)
