@@ -546,12 +546,18 @@ def main() -> None:
     except Exception as exc:  # click's own usage errors
         import click
 
-        if isinstance(exc, click.exceptions.Exit):
+        # typer >= 0.20 raises from its vendored click (typer._click), whose classes are not click's
+        modules = [click.exceptions, getattr(getattr(typer, "_click", None), "exceptions", None), typer]
+
+        def kinds(name: str) -> tuple[type, ...]:
+            return tuple(getattr(m, name) for m in modules if m is not None and isinstance(getattr(m, name, None), type))
+
+        if isinstance(exc, kinds("Exit")):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, kinds("ClickException")):
             sys.stderr.write(f"error: {exc.format_message()}\n")
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, kinds("Abort")):
             sys.stderr.write("error: aborted.\n")
             sys.exit(1)
         raise

@@ -167,3 +167,13 @@ def test_manifest_is_read_back_with_validation(tmp_path):
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         read_manifest(d)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("convert", "--recipe", "prune20", "--prune", "0.2"), ("does not combine",)),
+    (("convert", "--draft-for", "somewhere", "--quant", "int4"), ("--draft-for", "--quant")),
+    (("convert", "--draft-for", "somewhere"), ("not an artifact directory",)),
+])
+def test_flags_that_do_not_go_together_are_one_line(tmp_path, args, words):
+    """Usage errors raised inside a command (typer's vendored click) are one line too, not a traceback."""
+    assert_one_line_error(run_cli(*args, "-o", str(tmp_path / "out")), *words)
