@@ -80,3 +80,43 @@ def test_gptq_int4_packs_into_q4_0_exactly():
     w = weights(rows=16, cols=128, seed=5)
     bq = gptq_quantize(w, correlated_inputs(cols=128))
     assert np.array_equal(dequantize(pack_q4_0(bq), T.Q4_0), bq.dequantize())
+
+
+def test_int4_head_option_quantizes_the_tied_head_to_4_bits_and_exports(tmp_path):
+    """head = "int4": the tied embedding / head in Q4_0 blocks (GPTQ on the final norm's output), packed by GGUF and
+    ONNX like any 4-bit matrix; the default keeps it Q8_0; anything else is a recipe error."""
+    from edgekit import recipes
+    from edgekit.errors import InputError
+    from edgekit.model import BlockQuant
+    from edgekit.passes import PassContext
+    from edgekit.passes.int4 import Int4Pass
+    from tests.conftest import tiny_model
+
+    with pytest.raises(InputError, match="head must be one of"):
+        recipes.check(recipes.Recipe("x", [{"pass": "int4", "head": "int2"}]))
+    seqs = [list(np.random.default_rng(k).integers(0, 2000, 64)) for k in range(4)]
+    m = tiny_model()
+    rec = Int4Pass(head="int4").apply(m, PassContext(calibration_tokens=lambda: seqs))
+    head = m.encodings[m.output_head_name()]
+    assert rec["output_head"] == "int4" and isinstance(head, BlockQuant) and head.bits == 4
+    d = tiny_model()
+    Int4Pass().apply(d, PassContext(calibration_tokens=lambda: seqs))
+    assert d.encodings[d.output_head_name()].bits == 8
+    import edgekit
+    from edgekit.converters.gguf import GGUFExporter
+    from edgekit.converters.onnx import ONNXExporter
+
+    import torch
+
+    from edgekit.architectures.torch_decoder import DecoderNet
+
+    ids = list(range(100, 120))
+    with torch.inference_mode():  # the dequantized numbers, computed in torch
+        want = DecoderNet(m, effective=True)(torch.tensor([ids]))[0].numpy()
+    for exp, fmt in ((GGUFExporter(), "gguf"), (ONNXExporter(), "onnx")):
+        (tmp_path / fmt).mkdir()
+        exp.export(m, tmp_path / fmt)
+        with edgekit.load(tmp_path / fmt / f"model.{fmt}", check_memory=False) as s:
+            got = s.logits(ids)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 0.03, (fmt, err)

@@ -121,15 +121,38 @@ def layer_output_error(w: np.ndarray, bq: BlockQuant, hessian) -> float:
     return float(((dW @ H) * dW).sum() / ((Wt @ H) * Wt).sum())
 
 
+def final_hidden_gram(model: Model, seqs: list[list[int]]):
+    """Mean ``x x^T`` of the output head's input (the final norm's output) over ``seqs``."""
+    import torch
+
+    from edgekit.architectures.torch_decoder import DecoderNet, set_threads
+
+    set_threads()
+    net = DecoderNet(model).eval()
+    acc, count = 0, 0
+    with torch.inference_mode():
+        for seq in seqs:
+            x = net.hidden(torch.tensor([seq], dtype=torch.long))[0].double()
+            acc, count = acc + x.T @ x, count + x.shape[0]
+    return acc / max(1, count)
+
+
 class Int4Pass(Pass):
     name = "int4"
     description = "data-aware 4-bit (GPTQ + activation-weighted scale search), Q4_0 container, output head Q8_0"
     needs_calibration = True
     kinds = frozenset({"decoder", "encoder"})
     tolerance = {"kld_mean": 0.6, "cosine_distance_mean": 0.03, "cosine_distance_worst": 0.15}
-    param_types = {"damp": float}
+    param_types = {"damp": float, "head": str}
     param_ranges = {"damp": (0.0, 1.0, "(]")}
     grid_name = "int4"  # the grid of edgekit.qat.GRIDS the numbers land on
+    HEADS = ("q8_0", "int4")
+
+    @classmethod
+    def params_problem(cls, params: dict) -> str | None:
+        if params.get("head", "q8_0") not in cls.HEADS:
+            return f"{cls.name}.head must be one of {', '.join(cls.HEADS)}, not {params['head']!r}"
+        return None
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         from edgekit.passes.rtn import quantize_q4_0
@@ -142,11 +165,15 @@ class Int4Pass(Pass):
         seqs = ctx.calibration_tokens()
         # input Gram matrices of every matrix, by weight name, from the model's own forward pass
         hessians = model.input_grams(seqs, ctx.progress)
+        head = str(self.params.get("head", "q8_0"))
+        if head == "int4":
+            # the head reads the final norm's output: one more statistic, from a forward pass of its own
+            hessians[model.output_head_name()] = final_hidden_gram(model, seqs)
         names = model.linear_names()
         gains = []
         for k, n in enumerate(names):
             w = model.tensors[n]
-            if is_output_head(model, n):
+            if is_output_head(model, n) and head == "q8_0":
                 model.encodings[n] = quantize_q8_0(w)
                 continue
             if n not in hessians:
@@ -163,7 +190,7 @@ class Int4Pass(Pass):
             "pass": self.name,
             "tensors": len(names),
             "block_size": BLOCK,
-            "output_head": "q8_0",
+            "output_head": head,
             "calibration_tokens": int(sum(len(s) for s in seqs)),
             "method": "gptq+weighted-scale-search",
             "damp": float(self.params.get("damp", 0.01)),
