@@ -111,7 +111,7 @@ def main() -> None:
                 "kv_type": kv, "flash_attn": fa, "kv_bytes": r["kv_bytes"], "kv_bytes_vs_f16": r["kv_bytes"] / base["kv_bytes"],
                 "predicted_kv_bytes": model_bytes, "kld_vs_f16_cache_tail": float(vs_f16.mean()),
                 "kld_vs_f16_cache_all": float(vs_f16_all.mean()), "kld_vs_float_tail": float(vs_ref.mean())}
-        for name, rec in out.items():
+        for rec in out.values():
             rec["kld_vs_float_increase"] = rec["kld_vs_float_tail"] - ref_tail[("f16", True)]
             t.add_row(rec["kv_type"], "on" if rec["flash_attn"] else "off", f"{rec['kv_bytes'] / 2**20:.1f} MiB",
                       f"{rec['kv_bytes_vs_f16']:.3f}", f"{rec['predicted_kv_bytes'] / 2**20:.1f} MiB",
