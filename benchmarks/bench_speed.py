@@ -77,7 +77,7 @@ def llama_bench_bin() -> Path | None:
 
 def llama_bench(binary: Path, model: Path, n: int, threads: int, fa: bool) -> float:
     r = subprocess.run([str(binary), "-m", str(model), "-p", "0", "-n", str(n), "-t", str(threads), "-r", "1",
-                        "-fa", "1" if fa else "0", "-o", "json"], capture_output=True, text=True, check=True, timeout=600)
+                        "-fa", "on" if fa else "off", "-o", "json"], capture_output=True, text=True, check=True, timeout=600)
     return float(json.loads(r.stdout)[0]["avg_ts"])
 
 
