@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from edgekit.errors import InputError
 
-DEFAULT_CANDIDATES = ("draft-drop50-int4", "draft-drop67-int4")
+DEFAULT_CANDIDATES = ("draft-drop50-int4", "draft-drop80-head4")
 OPEN_ENDED = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -108,7 +108,7 @@ def build_draft(target_dir: Path, out: Path, candidates: list[str] | None = None
     model = None if src.get("kind") == "default" else src.get("path")
     if model is not None and not Path(model).exists():
         raise InputError(f"the source model of {target_dir} ({model}) is not there any more",
-                         "convert the draft from the same source with --recipe draft-drop67-int4 instead")
+                         "convert the draft from the same source with --recipe draft-drop50-int4 instead")
     check_output_dir(out, force)
     names = list(candidates or DEFAULT_CANDIDATES)
     recipe_list = [recipes.load(n) for n in names]  # every recipe is checked before minutes of work

@@ -261,7 +261,7 @@ def test_drop_layers_recovery_distils():
 
     with pytest.raises(InputError, match="exactly one of fraction"):
         recipes.check(recipes.Recipe("x", [{"pass": "drop_layers", "fraction": 0.5, "layers": 1}]))
-    assert recipes.load("draft-drop67-int4").structural == ["drop_layers"]
+    assert recipes.load("draft-drop80-head4").structural == ["drop_layers"]
     m = tiny_model(num_layers=4, intermediate_size=256)
     rec = DropLayersPass(fraction=0.5, recover=16, lr=1e-3).apply(
         m, PassContext(calibration_tokens=lambda: calib_seqs(8, 128), reference=tiny_model(num_layers=4, intermediate_size=256)))
