@@ -1,7 +1,7 @@
 """Quantized KV caches in llama.cpp at long context: memory held and quality lost, against the f16 cache.
 
-For the embedded SmolLM2-135M as Q8_0 (weights near-lossless, so the cache's error shows) and as edgekit's
-int4 GGUF, each KV-cache type edgekit exposes (``edgekit.load(path, kv_type=...)``: f16 without and with
+For the embedded SmolLM2-135M as Q8_0 (weights near-lossless, so the cache's error shows) and as Q4_0 (the
+container of edgekit's int4), each KV-cache type edgekit exposes (``edgekit.load(path, kv_type=...)``: f16 without and with
 flash attention, q8_0, q4_0) scores windows of 2,048 tokens of the shipped evaluation text through edgekit's
 llama.cpp session. Per row:
 
@@ -69,7 +69,7 @@ def main() -> None:
 
     console = Console()
     arts = {}
-    for quant in ("q8_0", "int4"):
+    for quant in ("q8_0", "q4_0"):
         d = args.out / f"{quant}-gguf"
         if not read_manifest(d):
             convert(ConvertRequest(None, "gguf", quant, d, force=True))

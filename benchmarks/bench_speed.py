@@ -1,16 +1,17 @@
 """Decode speed against llama.cpp itself: llama-bench, raw llama-cpp-python, edgekit's GGUF and ONNX sessions,
 with and without speculative decoding, with the roofline fraction of each.
 
-Artifacts (converted once into --out): the embedded SmolLM2-135M as Q4_0 and Q8_0 GGUF (round-to-nearest) and
-data-aware int4 as GGUF and ONNX. Rows, measured in alternating rounds in this one process (the C++ binary as
+Artifacts (converted once into --out): the embedded SmolLM2-135M as Q4_0 and Q8_0 GGUF (round-to-nearest),
+data-aware int4 as ONNX (with the head at 8 and at 4 bits), and the draft `convert --draft-for` makes for the Q4_0.
+Rows, measured in alternating rounds in this one process (the C++ binary as
 a child process, between the Python rows) so that slow phases of a shared machine hit every row alike:
 
 - ``llama-bench`` (llama.cpp's own C++ benchmark, built from the sources vendored in the pinned
   llama-cpp-python by benchmarks/build_llama_tools.sh) on Q4_0: ``-p 0 -n N``, with flash attention off and on;
 - raw llama-cpp-python on Q4_0 (``Llama.generate``, greedy), as an app using the binding would;
 - edgekit's GGUF session on Q4_0 (C API loop), flash attention off and on;
-- edgekit's ONNX int4 session, and int4 with the output head at 4 bits too (recipe int4-head4) in both formats;
-- speculative: each edgekit session with prompt lookup; the int4 GGUF with the draft `edgekit convert --draft-for`
+- edgekit's ONNX int4 session, and int4 with the output head at 4 bits too (recipe int4-head4);
+- speculative: each edgekit session with prompt lookup; the Q4_0 GGUF with the draft `edgekit convert --draft-for`
   makes for it (layers dropped and distilled; built into --out once); the Q8_0 GGUF drafted by its own Q4_0.
 
 Every Python row decodes N tokens greedily after the same prompt (``ignore_eos``); speculative rows are
@@ -50,9 +51,9 @@ def artifacts(out: Path) -> dict[str, Path]:
     from edgekit.manifest import read_manifest
     from edgekit.pipeline import ConvertRequest, convert
 
-    want = {"q4_0-gguf": ("gguf", "q4_0"), "q8_0-gguf": ("gguf", "q8_0"), "int4-gguf": ("gguf", "int4"),
-            "int4-onnx": ("onnx", "int4")}
-    want |= {"int4h4-onnx": ("onnx", "int4-head4"), "int4h4-gguf": ("gguf", "int4-head4")}  # the head at 4 bits too
+    # GGUF rows use Q4_0: edgekit's int4 is the same container, so it decodes at the same speed
+    want = {"q4_0-gguf": ("gguf", "q4_0"), "q8_0-gguf": ("gguf", "q8_0"), "int4-onnx": ("onnx", "int4"),
+            "int4h4-onnx": ("onnx", "int4-head4")}  # the head at 4 bits too
     paths = {}
     for name, (fmt, quant) in want.items():
         d = out / name
@@ -60,13 +61,13 @@ def artifacts(out: Path) -> dict[str, Path]:
             recipe = recipes.load(quant) if quant in recipes.builtin_names() else None
             convert(ConvertRequest(None, fmt, None if recipe else quant, d, force=True, recipe=recipe))
         paths[name] = d / f"model.{fmt}"
-    # the draft `edgekit convert --draft-for` makes for the int4 GGUF (candidates converted and measured there)
-    d = out / "draft-int4-gguf"
+    # the draft `edgekit convert --draft-for` makes for the Q4_0 GGUF (candidates converted and measured there)
+    d = out / "draft-q4_0-gguf"
     if not read_manifest(d):
         from edgekit.drafts import build_draft
 
-        build_draft(out / "int4-gguf", d, force=True, log=print)
-    paths["draft-int4-gguf"] = d / "model.gguf"
+        build_draft(out / "q4_0-gguf", d, force=True, log=print)
+    paths["draft-q4_0-gguf"] = d / "model.gguf"
     return paths
 
 
@@ -133,17 +134,14 @@ def main() -> None:
     sessions = {
         "edgekit gguf q4_0": edgekit.load(arts["q4_0-gguf"], n_ctx=1024),
         "edgekit gguf q4_0 +fa": edgekit.load(arts["q4_0-gguf"], n_ctx=1024, flash_attn=True),
-        "edgekit gguf int4": edgekit.load(arts["int4-gguf"], n_ctx=1024),
         "edgekit onnx int4": edgekit.load(arts["int4-onnx"], n_ctx=1024),
         "edgekit onnx int4, 4-bit head": edgekit.load(arts["int4h4-onnx"], n_ctx=1024),
-        "edgekit gguf int4, 4-bit head": edgekit.load(arts["int4h4-gguf"], n_ctx=1024),
         "edgekit gguf q8_0": edgekit.load(arts["q8_0-gguf"], n_ctx=1024),
     }
     spec = {
         "edgekit gguf q4_0 + prompt lookup": (edgekit.load(arts["q4_0-gguf"], n_ctx=1024, draft="prompt-lookup"), "edgekit gguf q4_0"),
-        "edgekit gguf int4 + prompt lookup": (edgekit.load(arts["int4-gguf"], n_ctx=1024, draft="prompt-lookup"), "edgekit gguf int4"),
         "edgekit onnx int4 + prompt lookup": (edgekit.load(arts["int4-onnx"], n_ctx=1024, draft="prompt-lookup"), "edgekit onnx int4"),
-        "edgekit gguf int4 + edgekit draft": (edgekit.load(arts["int4-gguf"], n_ctx=1024, draft=arts["draft-int4-gguf"]), "edgekit gguf int4"),
+        "edgekit gguf q4_0 + edgekit draft": (edgekit.load(arts["q4_0-gguf"], n_ctx=1024, draft=arts["draft-q4_0-gguf"]), "edgekit gguf q4_0"),
         "edgekit gguf q8_0 + q4_0 draft": (edgekit.load(arts["q8_0-gguf"], n_ctx=1024, draft=arts["q4_0-gguf"]), "edgekit gguf q8_0"),
     }
     raw = llama_cpp.Llama(model_path=str(arts["q4_0-gguf"]), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -154,9 +152,9 @@ def main() -> None:
     accept: dict[str, dict[str, list[dict]]] = {p: {} for p in prompts}
     identical: dict[str, dict[str, bool]] = {p: {} for p in prompts}
     path_of = {"edgekit gguf q4_0": arts["q4_0-gguf"], "edgekit gguf q4_0 +fa": arts["q4_0-gguf"],
-               "edgekit gguf int4": arts["int4-gguf"], "edgekit onnx int4": arts["int4-onnx"],
+               "edgekit onnx int4": arts["int4-onnx"],
                "edgekit gguf q8_0": arts["q8_0-gguf"], "edgekit onnx int4, 4-bit head": arts["int4h4-onnx"],
-               "edgekit gguf int4, 4-bit head": arts["int4h4-gguf"], "raw llama-cpp-python q4_0": arts["q4_0-gguf"],
+               "raw llama-cpp-python q4_0": arts["q4_0-gguf"],
                "llama-bench q4_0": arts["q4_0-gguf"], "llama-bench q4_0 +fa": arts["q4_0-gguf"]}
     for name, (_, base) in spec.items():
         path_of[name] = path_of[base]
