@@ -18,6 +18,7 @@ import numpy as np
 from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
 from edgekit.runtimes import TextSession, render_template
+from edgekit.runtimes.text import default_threads
 
 
 _LOG_CALLBACK = None
@@ -44,10 +45,6 @@ def _llama_cpp():
 
 # KV cache element types llama.cpp accepts for K and V (ggml type ids)
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 class LlamaCppSession(TextSession):

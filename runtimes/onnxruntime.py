@@ -24,7 +24,7 @@ import numpy as np
 from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
 from edgekit.formats import onnx as fmt
-from edgekit.runtimes.text import TokenizerJsonSession, one_line
+from edgekit.runtimes.text import TokenizerJsonSession, default_threads, one_line
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -63,10 +63,6 @@ def open_ort_session(path: str, n_threads: int, graph_optimization_level: str = 
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
         raise InputError(f"ONNX Runtime could not load {path} ({one_line(exc)})", "re-export the model") from None
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 class OnnxRuntimeSession(TokenizerJsonSession):

@@ -16,7 +16,7 @@ RESULT = "result.json"
 
 def thread_budget(threads: int) -> None:
     """Keep one task to its share of the cores: BLAS / OpenMP pools and torch read these before they start."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "EDGEKIT_THREADS"):  # the last: llama.cpp / ORT
         os.environ[var] = str(threads)
     try:
         import torch
@@ -78,7 +78,15 @@ def build_prefix(folder: Path, model: str | None, structural: list[dict], calib_
     out = folder / "artifact"
     manifest = convert(ConvertRequest(model, "gguf", None, out, force=True, recipe=recipe, calib_generated=calib_generated,
                                       eval_tokens=eval_tokens))
-    return {"source": str(out / manifest["artifact"]["file"]), "manifest_quality": manifest.get("quality")}
+    source = out / manifest["artifact"]["file"]
+    if calib_generated != 0:
+        # every storage pass on this prefix calibrates on text the prefix's float model writes: write it once here,
+        # not in each of the conversions that would otherwise all generate the same samples side by side
+        from edgekit import calibration as cal
+        from edgekit.sources import resolve
+
+        cal.generated_sequences(resolve(str(source)), cal.settings_for(calib_generated or cal.default_tokens()))
+    return {"source": str(source), "manifest_quality": manifest.get("quality")}
 
 
 @_errors
