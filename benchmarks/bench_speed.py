@@ -46,14 +46,15 @@ def grounded_prompt() -> str:
     return f"Rewrite the following passage in your own words, keeping every detail:\n\n{passage}"
 
 
-def artifacts(out: Path) -> dict[str, Path]:
+def artifacts(out: Path, draft_recipes: list[str] | None = None, head4: bool = True) -> dict[str, Path]:
     from edgekit import recipes
     from edgekit.manifest import read_manifest
     from edgekit.pipeline import ConvertRequest, convert
 
     # GGUF rows use Q4_0: edgekit's int4 is the same container, so it decodes at the same speed
-    want = {"q4_0-gguf": ("gguf", "q4_0"), "q8_0-gguf": ("gguf", "q8_0"), "int4-onnx": ("onnx", "int4"),
-            "int4h4-onnx": ("onnx", "int4-head4")}  # the head at 4 bits too
+    want = {"q4_0-gguf": ("gguf", "q4_0"), "q8_0-gguf": ("gguf", "q8_0"), "int4-onnx": ("onnx", "int4")}
+    if head4:
+        want["int4h4-onnx"] = ("onnx", "int4-head4")  # the head at 4 bits too
     paths = {}
     for name, (fmt, quant) in want.items():
         d = out / name
@@ -66,7 +67,7 @@ def artifacts(out: Path) -> dict[str, Path]:
     if not read_manifest(d):
         from edgekit.drafts import build_draft
 
-        build_draft(out / "q4_0-gguf", d, force=True, log=print)
+        build_draft(out / "q4_0-gguf", d, draft_recipes, force=True, log=print)
     paths["draft-q4_0-gguf"] = d / "model.gguf"
     return paths
 
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-build", action="store_true", help="Skip building llama-bench when it is missing.")
+    ap.add_argument("--draft-recipe", action="append", help="Draft candidates for `--draft-for` (default: its own).")
+    ap.add_argument("--no-head4", action="store_true", help="Leave out the ONNX int4 with a 4-bit head.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import llama_cpp
@@ -124,7 +127,7 @@ def main() -> None:
 
     console = Console()
     threads = default_threads()
-    arts = artifacts(args.out)
+    arts = artifacts(args.out, args.draft_recipe, not args.no_head4)
     binary = llama_bench_bin()
     if binary is None and not args.no_build:
         subprocess.run(["bash", str(HERE / "build_llama_tools.sh")], check=True, cwd=REPO)
@@ -135,9 +138,10 @@ def main() -> None:
         "edgekit gguf q4_0": edgekit.load(arts["q4_0-gguf"], n_ctx=1024),
         "edgekit gguf q4_0 +fa": edgekit.load(arts["q4_0-gguf"], n_ctx=1024, flash_attn=True),
         "edgekit onnx int4": edgekit.load(arts["int4-onnx"], n_ctx=1024),
-        "edgekit onnx int4, 4-bit head": edgekit.load(arts["int4h4-onnx"], n_ctx=1024),
         "edgekit gguf q8_0": edgekit.load(arts["q8_0-gguf"], n_ctx=1024),
     }
+    if "int4h4-onnx" in arts:
+        sessions["edgekit onnx int4, 4-bit head"] = edgekit.load(arts["int4h4-onnx"], n_ctx=1024)
     spec = {
         "edgekit gguf q4_0 + prompt lookup": (edgekit.load(arts["q4_0-gguf"], n_ctx=1024, draft="prompt-lookup"), "edgekit gguf q4_0"),
         "edgekit onnx int4 + prompt lookup": (edgekit.load(arts["int4-onnx"], n_ctx=1024, draft="prompt-lookup"), "edgekit onnx int4"),
@@ -153,7 +157,7 @@ def main() -> None:
     identical: dict[str, dict[str, bool]] = {p: {} for p in prompts}
     path_of = {"edgekit gguf q4_0": arts["q4_0-gguf"], "edgekit gguf q4_0 +fa": arts["q4_0-gguf"],
                "edgekit onnx int4": arts["int4-onnx"],
-               "edgekit gguf q8_0": arts["q8_0-gguf"], "edgekit onnx int4, 4-bit head": arts["int4h4-onnx"],
+               "edgekit gguf q8_0": arts["q8_0-gguf"], "edgekit onnx int4, 4-bit head": arts.get("int4h4-onnx"),
                "raw llama-cpp-python q4_0": arts["q4_0-gguf"],
                "llama-bench q4_0": arts["q4_0-gguf"], "llama-bench q4_0 +fa": arts["q4_0-gguf"]}
     for name, (_, base) in spec.items():

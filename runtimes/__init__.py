@@ -136,3 +136,14 @@ class TextSession(SessionLifetime):
         tail = dec.decode(b"", final=True)
         if tail:
             yield tail
+
+
+def default_threads() -> int:
+    """Threads a session uses unless told: ``EDGEKIT_THREADS`` (a sweep task's share of the cores), else every core
+    this process may run on. Runtimes spin-wait on their threads, so more threads than free cores is far slower."""
+    import os
+
+    env = os.environ.get("EDGEKIT_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -17,8 +17,7 @@ import numpy as np
 
 from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
-from edgekit.runtimes import TextSession, render_template
-from edgekit.runtimes.text import default_threads
+from edgekit.runtimes import TextSession, default_threads, render_template
 
 
 _LOG_CALLBACK = None

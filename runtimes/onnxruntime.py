@@ -24,7 +24,8 @@ import numpy as np
 from edgekit.contracts import Runtime
 from edgekit.errors import InputError, MissingDependencyError
 from edgekit.formats import onnx as fmt
-from edgekit.runtimes.text import TokenizerJsonSession, default_threads, one_line
+from edgekit.runtimes import default_threads
+from edgekit.runtimes.text import TokenizerJsonSession, one_line
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 

@@ -23,17 +23,6 @@ from edgekit.errors import InputError, MissingDependencyError
 from edgekit.runtimes import SessionLifetime, TextSession, render_template
 
 
-def default_threads() -> int:
-    """Threads a session uses unless told: ``EDGEKIT_THREADS`` (a sweep task's share of the cores), else every core
-    this process may run on. Runtimes spin-wait on their threads, so more threads than free cores is far slower."""
-    import os
-
-    env = os.environ.get("EDGEKIT_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."

@@ -212,3 +212,17 @@ def test_a_sweep_measures_on_an_agent_device(source, tmp_path):
     host, dev = c["devices"]["host"], c["devices"]["agent:loop"]
     assert host["how"] == dev["how"] == "measured" and dev["decode_tok_s"] > 0
     assert abs(host["kld_mean"] - dev["kld_mean"]) <= 1e-6  # the device scores against the same reference statistics
+
+
+def test_a_task_thread_budget_reaches_the_runtimes(monkeypatch):
+    """llama.cpp and ONNX Runtime sessions opened inside a sweep task keep to the task's share of the cores."""
+    from edgekit.runtimes import default_threads
+    from edgekit.sweep.tasks import thread_budget
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "EDGEKIT_THREADS"):
+        monkeypatch.setenv(var, "")
+    assert default_threads() >= 1
+    thread_budget(1)
+    assert default_threads() == 1
+    monkeypatch.setenv("EDGEKIT_THREADS", "3")
+    assert default_threads() == 3
