@@ -221,8 +221,14 @@ def test_a_task_thread_budget_reaches_the_runtimes(monkeypatch):
 
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "EDGEKIT_THREADS"):
         monkeypatch.setenv(var, "")
+    import torch
+
+    before = torch.get_num_threads()
     assert default_threads() >= 1
-    thread_budget(1)
-    assert default_threads() == 1
-    monkeypatch.setenv("EDGEKIT_THREADS", "3")
-    assert default_threads() == 3
+    try:
+        thread_budget(1)
+        assert default_threads() == 1
+        monkeypatch.setenv("EDGEKIT_THREADS", "3")
+        assert default_threads() == 3
+    finally:
+        torch.set_num_threads(before)  # the rest of the suite keeps its threads
