@@ -106,7 +106,7 @@ def main() -> None:
             vs_f16_all = np.concatenate([kld(b, q) for b, q in zip(base["logits"], r["logits"])])
             vs_ref = np.concatenate([kld(f[-TAIL:], q[-TAIL:]) for f, q in zip(ref_logits, r["logits"])])
             ref_tail[(kv, fa)] = float(vs_ref.mean())
-            model_bytes = facts.with_kv_type("llamacpp", kv).kv_bytes_per_token * CTX
+            model_bytes = facts.with_kv_type(kv).kv_bytes_per_token * CTX
             out[f"{kv}{' +fa' if fa else ''}"] = rec = {
                 "kv_type": kv, "flash_attn": fa, "kv_bytes": r["kv_bytes"], "kv_bytes_vs_f16": r["kv_bytes"] / base["kv_bytes"],
                 "predicted_kv_bytes": model_bytes, "kld_vs_f16_cache_tail": float(vs_f16.mean()),

@@ -5,8 +5,8 @@ float model, stored at 4 bits in the target's format) is converted, then measure
 the target artifact decodes greedily with and without the candidate as its draft, on an input-grounded
 prompt (rewrite a passage of the calibration text, never the evaluation text) and an open-ended one, in
 alternating rounds. The candidate with the highest measured speed-up is kept; acceptance rates, tokens per
-target step and speed-ups of every candidate go into its manifest under ``draft``. The greedy tokens with the
-draft must equal those without it: a mismatch is a bug and stops the command.
+target step, speed-ups and how many leading greedy tokens equal plain decoding's go into its manifest under
+``draft``.
 
 What decides the speed-up is measured, not predicted: on a small model the fixed cost of a target step
 (the vocabulary head, the Python loop) is a large share, so a draft that reads half the bytes can still lose.
@@ -48,18 +48,20 @@ def _timed(tokens) -> tuple[float, list[int]]:
 def measure_draft(target: Any, draft_path: Path | None, prompt_ids: dict[str, list[int]], tokens: int,
                   rounds: int) -> dict[str, Any]:
     """Speed-up of ``target`` (an open session) with ``draft_path`` as its draft, per prompt, from alternating
-    rounds; checks the greedy tokens are identical. ``draft_path`` None measures prompt lookup."""
+    rounds, and how many leading greedy tokens equal plain decoding's. ``draft_path`` None measures prompt lookup."""
     plain: dict[str, list[float]] = {p: [] for p in prompt_ids}
     spec: dict[str, list[float]] = {p: [] for p in prompt_ids}
     stats: dict[str, list[dict]] = {p: [] for p in prompt_ids}
+    same: dict[str, int] = {p: tokens for p in prompt_ids}  # leading tokens equal to plain decoding, worst round
     for rnd in range(rounds + 1):  # round 0 warms both paths up
         for p, ids in prompt_ids.items():
             target.close_draft()
             r0, want = _timed(target.stream_tokens(ids, tokens, ignore_eos=True))
             target.use_draft(str(draft_path), n_ctx=target.n_ctx) if draft_path is not None else target.use_draft("prompt-lookup")
             r1, got = _timed(target.stream_tokens(ids, tokens, ignore_eos=True))
-            if got != want:
-                raise RuntimeError(f"speculative greedy tokens differ from plain decoding on the {p} prompt (a bug in edgekit)")
+            # llama.cpp's batched and one-token kernels round differently (logits apart by up to ~0.9 on a 135M
+            # Q4_0), so on a near-tie the verified token can differ from plain decoding's: recorded, not hidden
+            same[p] = min(same[p], next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want))))
             if rnd:
                 plain[p].append(r0)
                 spec[p].append(r1)
@@ -72,7 +74,7 @@ def measure_draft(target: Any, draft_path: Path | None, prompt_ids: dict[str, li
                   "acceptance_rate": round(statistics.mean(s.get("acceptance_rate") or 0.0 for s in stats[p]), 3),
                   "tokens_per_target_step": round(statistics.mean(s.get("tokens_per_target_step") or 0.0
                                                                   for s in stats[p]), 3),
-                  "identical_greedy": True}
+                  "identical_greedy": same[p] >= tokens, "identical_leading_tokens": same[p]}
     return out
 
 
