@@ -33,8 +33,11 @@ ROWS = (("f16", False), ("f16", True), ("q8_0", True), ("q4_0", True))
 
 def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """KL(p || q) per row, from logits."""
-    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
-    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
@@ -67,7 +70,7 @@ def main() -> None:
     from edgekit.sources import load_reference, resolve
     from edgekit.targets.facts import artifact_facts
 
-    console = Console()
+    console = Console(width=200)  # tables go to logs too: keep every column
     arts = {}
     for quant in ("q8_0", "q4_0"):
         d = args.out / f"{quant}-gguf"

@@ -18,7 +18,8 @@ Every Python row decodes N tokens greedily after the same prompt (``ignore_eos``
 checked token for token against the same session without a draft. Two prompts: open-ended (a story) and
 input-grounded (rewrite a passage of the shipped evaluation text), both through the model's chat template.
 Roofline fraction = decode tok/s x bytes read per token (weights streamed + KV cache at that context) / the
-host's measured read bandwidth (the denominator `edgekit profile` uses).
+host's measured read bandwidth (the denominator `edgekit profile` uses); for speculative rows, per target step
+(tok/s / tokens per target step), since the target streams its weights once per verification.
 
 Prints a table per prompt and writes benchmarks/results/speed.json.
 """
@@ -125,7 +126,7 @@ def main() -> None:
     from edgekit.runtimes.llamacpp import default_threads
     from edgekit.targets.host import host_figures
 
-    console = Console()
+    console = Console(width=200)  # tables go to logs too: keep every column
     threads = default_threads()
     arts = artifacts(args.out, args.draft_recipe, not args.no_head4)
     binary = llama_bench_bin()
@@ -207,6 +208,8 @@ def main() -> None:
                 rec["acceptance_rate"] = statistics.mean(a["acceptance_rate"] or 0 for a in acc)
                 rec["tokens_per_target_step"] = statistics.mean(a["tokens_per_target_step"] or 0 for a in acc)
                 rec["identical_greedy"] = identical[p][name]
+                # the target streams its weights once per verification step, not once per token
+                rec["roofline_fraction"] /= max(1.0, rec["tokens_per_target_step"])
             out[name] = rec
             t.add_row(name, f"{med:.1f}", f"{rec['vs_llama_bench']:.2f}" if rec["vs_llama_bench"] else "-",
                       f"{rec['vs_no_draft']:.2f}" if base else "", f"{rec['acceptance_rate']:.0%}" if base else "",

@@ -59,8 +59,8 @@ def measure_draft(target: Any, draft_path: Path | None, prompt_ids: dict[str, li
             r0, want = _timed(target.stream_tokens(ids, tokens, ignore_eos=True))
             target.use_draft(str(draft_path), n_ctx=target.n_ctx) if draft_path is not None else target.use_draft("prompt-lookup")
             r1, got = _timed(target.stream_tokens(ids, tokens, ignore_eos=True))
-            # llama.cpp's batched and one-token kernels round differently (logits apart by up to ~0.9 on a 135M
-            # Q4_0), so on a near-tie the verified token can differ from plain decoding's: recorded, not hidden
+            # llama.cpp does not compute a position the same in a batch as one token at a time (logits up to ~0.9
+            # apart on the 135M Q4_0), so the verified token can differ from plain decoding's: recorded, not hidden
             same[p] = min(same[p], next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want))))
             if rnd:
                 plain[p].append(r0)
