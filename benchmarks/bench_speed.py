@@ -30,11 +30,12 @@ import argparse
 import json
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from edgekit.drafts import timed_decode
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -82,15 +83,6 @@ def llama_bench(binary: Path, model: Path, n: int, threads: int, fa: bool) -> fl
     r = subprocess.run([str(binary), "-m", str(model), "-p", "0", "-n", str(n), "-t", str(threads), "-r", "1",
                         "-fa", "on" if fa else "off", "-o", "json"], capture_output=True, text=True, check=True, timeout=600)
     return float(json.loads(r.stdout)[0]["avg_ts"])
-
-
-def timed_decode(tokens) -> tuple[float, list[int]]:
-    """tok/s between the first and the last token of a stream (the prefill is outside), and the tokens."""
-    stamps, out = [], []
-    for t in tokens:
-        stamps.append(time.perf_counter())
-        out.append(t)
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out
 
 
 def raw_llama_cpp(llm, ids: list[int], n: int):

@@ -36,7 +36,7 @@ def grounded_prompt(words: int = 200) -> str:
     return f"Rewrite the following passage in your own words, keeping every detail:\n\n{passage}"
 
 
-def _timed(tokens) -> tuple[float, list[int]]:
+def timed_decode(tokens) -> tuple[float, list[int]]:
     """Decode tok/s between the first and last token (the prefill stays outside), and the tokens."""
     stamps, out = [], []
     for t in tokens:
@@ -56,9 +56,9 @@ def measure_draft(target: Any, draft_path: Path | None, prompt_ids: dict[str, li
     for rnd in range(rounds + 1):  # round 0 warms both paths up
         for p, ids in prompt_ids.items():
             target.close_draft()
-            r0, want = _timed(target.stream_tokens(ids, tokens, ignore_eos=True))
+            r0, want = timed_decode(target.stream_tokens(ids, tokens, ignore_eos=True))
             target.use_draft(str(draft_path), n_ctx=target.n_ctx) if draft_path is not None else target.use_draft("prompt-lookup")
-            r1, got = _timed(target.stream_tokens(ids, tokens, ignore_eos=True))
+            r1, got = timed_decode(target.stream_tokens(ids, tokens, ignore_eos=True))
             # llama.cpp does not compute a position the same in a batch as one token at a time (logits up to ~0.9
             # apart on the 135M Q4_0), so the verified token can differ from plain decoding's: recorded, not hidden
             same[p] = min(same[p], next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want))))
