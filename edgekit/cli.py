@@ -59,7 +59,7 @@ def convert(
                                            "(default), or rank channels globally (ONNX / Core ML only)."),
     draft_for: Optional[Path] = typer.Option(None, "--draft-for", help="Build a speculative-decoding draft for this "
                                              "artifact from its own source model: each candidate recipe (--recipe, "
-                                             "default: half / two thirds of the layers dropped and distilled, int4) "
+                                             "default: half or 80% of the layers dropped and distilled, int4) "
                                              "is converted and measured as its draft; the fastest is kept."),
 ) -> None:
     """Convert a model into a compressed artifact, validated against the float reference."""

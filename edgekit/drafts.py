@@ -57,7 +57,10 @@ def measure_draft(target: Any, draft_path: Path | None, prompt_ids: dict[str, li
         for p, ids in prompt_ids.items():
             target.close_draft()
             r0, want = timed_decode(target.stream_tokens(ids, tokens, ignore_eos=True))
-            target.use_draft(str(draft_path), n_ctx=target.n_ctx) if draft_path is not None else target.use_draft("prompt-lookup")
+            if draft_path is None:
+                target.use_draft("prompt-lookup")
+            else:
+                target.use_draft(str(draft_path), n_ctx=target.n_ctx)
             r1, got = timed_decode(target.stream_tokens(ids, tokens, ignore_eos=True))
             # llama.cpp does not compute a position the same in a batch as one token at a time (logits up to ~0.9
             # apart on the 135M Q4_0), so the verified token can differ from plain decoding's: recorded, not hidden
