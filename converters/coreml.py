@@ -313,6 +313,8 @@ class CoreMLExporter(Exporter):
     runtime = "coreml"
     # pruned layers keep their own widths (every shape is read from the tensors); a factor pair is two linear ops
     capabilities = Capabilities(kinds=frozenset({"decoder", "encoder"}), bits=frozenset({2, 4, 8}), lowrank=True,
+                                # 2-bit blocks are lookup tables here (4 fp16 entries per 32: 4 bits a weight)
+                                mixed_bits=frozenset({4, 8}),
                                 per_layer_widths=True)
 
     def __init__(self, context: int | None = None):

@@ -14,7 +14,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress a model, export it for the edge, and measure how it runs.")
 
 QUANTS = ("fp32, f16, int8 / q8_0, q4_0 (round-to-nearest), int4 (data-aware), nl4 (data-aware IQ4_NL, GGUF), "
-          "qat (quantization-aware training, see --qat-grid), ternary")
+          "qat (quantization-aware training, see --qat-grid), ternary, mixed (see --target-bpw)")
 
 
 def _console(stderr: bool = False):
@@ -41,6 +41,9 @@ def convert(
     qat_grid: Optional[str] = typer.Option(None, help="With --quant qat: int4 (Q4_0, default), nl4 (IQ4_NL, GGUF), "
                                            "int8, int2 or ternary."),
     qat_tokens: Optional[int] = typer.Option(None, help="With --quant qat: calibration tokens each training stage uses."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Mixed precision under a size budget: bits per "
+                                               "weight over the 2-D weights; each tensor's width (2 / 4 / 8-bit blocks "
+                                               "or fp16, as the format holds) chosen by measured sensitivity."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Device profile: choose the recipe predicted "
                                          "to give the best quality that fits it."),
@@ -75,15 +78,19 @@ def convert(
         return
 
     the_recipe = None
-    qat = {k: v for k, v in (("grid", qat_grid), ("tokens", qat_tokens)) if v is not None}
-    if qat and quant != "qat":
+    storage = {k: v for k, v in (("grid", qat_grid), ("tokens", qat_tokens)) if v is not None}  # storage pass params
+    if storage and quant != "qat":
         raise typer.BadParameter("--qat-grid / --qat-tokens go with --quant qat")
+    if target_bpw is not None:
+        if quant not in (None, "mixed") or storage or recipe or target:
+            raise typer.BadParameter("--target-bpw chooses every tensor's width itself; drop --quant / --recipe / --target")
+        quant, storage = "mixed", {"bpw": float(target_bpw)}
     if recipe and any(v is not None for v in (prune, prune_heads, rank, recover)):
         raise typer.BadParameter("--recipe does not combine with --prune/--prune-heads/--rank/--recover")
     if recipe:
         the_recipe = recipes.load(recipe)
-    elif any(v is not None for v in (prune, prune_heads, rank, recover)) or qat:
-        the_recipe = recipes.from_flags(quant, prune, prune_heads, rank, rank_method, recover, uniform, storage_params=qat)
+    elif any(v is not None for v in (prune, prune_heads, rank, recover)) or storage:
+        the_recipe = recipes.from_flags(quant, prune, prune_heads, rank, rank_method, recover, uniform, storage_params=storage)
     from edgekit.pipeline import ConvertRequest, convert as run_convert
     from edgekit.progress import progress_bars
 

@@ -229,7 +229,8 @@ def run_passes(recipe, work, reference, kind, exporter, r: ConvertRequest) -> li
         return calib["seqs"]
 
     ctx = PassContext(calibration_tokens=calibration, progress=r.progress, reference=reference, log=r.log,
-                      options={"per_layer_widths": exporter.capabilities.per_layer_widths})
+                      options={"per_layer_widths": exporter.capabilities.per_layer_widths,
+                               "block_bits": tuple(sorted(exporter.capabilities.mixed_bits)), "format": exporter.name})
     track = _tracked(recipe)
     records = []
     for spec in recipe.passes:

@@ -1,0 +1,136 @@
+"""Mixed precision under a size budget (``--target-bpw``): allocation, budgets, formats, refusals."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import tiny_model
+from edgekit.model import BlockQuant, Cast, Model
+from edgekit.passes import PassContext
+from edgekit.passes.mixed import MixedPass, allocate, storage_bpw
+
+
+def seqs(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(0, 3000, length))) for _ in range(n)]
+
+
+def test_allocation_is_the_knapsack_optimum_on_a_small_case():
+    rng = np.random.default_rng(0)
+    sizes = {f"t{k}": int(s) for k, s in enumerate(rng.integers(1, 20, 6) * 32)}
+    costs = {n: {2: float(rng.uniform(5, 10)), 4: float(rng.uniform(1, 4)), 8: float(rng.uniform(0, 0.5))} for n in sizes}
+    for target in (3.0, 4.25, 5.5, 7.0):
+        budget = target * sum(sizes.values())
+        got = allocate(sizes, costs, budget)
+        used = sum(sizes[n] * storage_bpw(b) for n, b in got.items())
+        assert used <= budget
+        best = min((sum(costs[n][b] for n, b in zip(sizes, combo)), combo)
+                   for combo in itertools.product((2, 4, 8), repeat=len(sizes))
+                   if sum(sizes[n] * storage_bpw(b) for n, b in zip(sizes, combo)) <= budget)
+        # the Lagrangian + greedy fill is within a few percent of the exhaustive optimum here
+        assert sum(costs[n][b] for n, b in got.items()) <= best[0] * 1.05 + 1e-9
+
+
+def test_allocation_refuses_a_budget_below_the_smallest_widths():
+    with pytest.raises(ValueError):
+        allocate({"a": 32}, {"a": {4: 1.0, 8: 0.0}}, 32 * 4.0)
+
+
+def small_vocab(seed: int) -> Model:
+    """A tiny model whose linears, not its embedding, hold most weights (as in real models)."""
+    return tiny_model(seed=seed, vocab_size=3072, hidden_size=128, intermediate_size=256, num_heads=8, head_dim=16)
+
+
+def _run(model: Model, bpw: float, bits=(2, 4, 8)) -> dict:
+    calib = seqs(6, 128, seed=1)
+    return MixedPass(bpw=bpw, windows=4).apply(model, PassContext(calibration_tokens=lambda: calib,
+                                                                  options={"block_bits": bits, "format": "onnx"}))
+
+
+@pytest.mark.parametrize("bpw", [3.8, 4.25, 6.0])
+def test_budget_is_kept_and_each_choice_recorded(bpw):
+    m = small_vocab(3)
+    rec = _run(m, bpw)
+    names = m.linear_names()
+    total = sum(m.tensors[n].size for n in names)
+    used = sum(m.tensors[n].size * m.encoding(n).bits_per_weight for n in names) / total
+    assert used <= bpw + 1e-9 and rec["bpw"] == pytest.approx(used, abs=1e-3)
+    assert set(rec["choices"]) == set(names)
+    for n in names:
+        enc = m.encoding(n)
+        want = rec["choices"][n]
+        assert (isinstance(enc, Cast) and want == 16) or (isinstance(enc, BlockQuant) and enc.bits == want)
+    assert rec["choices"][m.output_head_name()] >= 4  # the head never goes to 2 bits
+    if bpw < 4.5:
+        assert "2" in rec["tensors_per_width"]
+
+
+def test_more_bits_buy_less_error():
+    from edgekit.architectures.torch_decoder import DecoderNet
+    from edgekit.qat import kld
+    import torch
+
+    ref = small_vocab(4)
+    held = torch.tensor(seqs(3, 64, seed=9))
+    with torch.inference_mode():
+        lp = torch.log_softmax(DecoderNet(ref)(held), -1)
+    errs = []
+    for bpw in (3.8, 4.5, 6.0):
+        m = small_vocab(4)
+        _run(m, bpw)
+        with torch.inference_mode():
+            errs.append(float(kld(DecoderNet(m, effective=True)(held), lp)))
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_gguf_floor_is_one_line_naming_onnx():
+    from edgekit.errors import InputError
+
+    m = small_vocab(3)
+    with pytest.raises(InputError) as exc:
+        _run(m, 4.25, bits=(4, 8))
+    line = exc.value.one_line()
+    assert "4.5" in line and "--format onnx" in line and "\n" not in line
+
+
+def test_mixed_widths_export_to_onnx_and_gguf_bit_for_bit(tmp_path):
+    """A mixed model's 2 / 4 / 8-bit tensors land in ONNX MatMulNBits of each width, and ONNX Runtime
+    computes what torch computes with the same numbers; GGUF (4 / 8 only) reads back exactly."""
+    from edgekit.converters.gguf import GGUFExporter
+    from edgekit.converters.gguf_layout import read_gguf_model
+    from edgekit.converters.onnx import ONNXExporter
+    from edgekit.reference import TorchReference
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
+
+    m = tiny_model(seed=5)
+    rec = _run(m, 4.47)  # the embedding is most of this model: just above its floor some tensors go to 2 bits
+    assert {"2", "4"} <= set(rec["tensors_per_width"])
+    (tmp_path / "onnx").mkdir()
+    ONNXExporter(0).export(m, tmp_path / "onnx")  # accuracy_level 0: float activations, exact products
+    eff = Model(m.spec, {n: m.effective_weight(n) for n in m.tensors}, m.tokenizer, m.name)
+    ids = list(range(200, 248))
+    want = TorchReference(eff).logits(ids)
+    with OnnxRuntimeSession(tmp_path / "onnx" / "model.onnx") as s:
+        got = s.logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+    g = tiny_model(seed=5)
+    _run(g, 5.0, bits=(4, 8))
+    (tmp_path / "gguf").mkdir()
+    GGUFExporter().export(g, tmp_path / "gguf")
+    back = read_gguf_model(tmp_path / "gguf" / "model.gguf")
+    for n in g.linear_names():
+        assert np.array_equal(back.tensors[n], g.effective_weight(n)), n
+
+
+def test_target_bpw_flag_conflicts_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    r = CliRunner().invoke(app, ["convert", "--target-bpw", "4.25", "--quant", "int4", "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--target-bpw" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
