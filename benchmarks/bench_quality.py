@@ -44,6 +44,9 @@ EDGEKIT_ROWS = {
     "prune25-recover": "prune25-recover",
     "ternary-recover": "ternary-recover",
     "qat-ternary": [{"pass": "qat", "grid": "ternary"}],
+    # mixed precision under a budget below Q4_0's 4.5 bits: 2-bit blocks exist in ONNX (MatMulNBits), not GGUF
+    "int4-head4-onnx": ("int4-head4", "onnx"),
+    "mixed-4.25-onnx": ([{"pass": "mixed", "bpw": 4.25}], "onnx"),
 }
 
 
@@ -56,6 +59,13 @@ def weight_bits(path: Path) -> float:
     return 8 * sum(int(t.n_bytes) for t in mats) / max(1, sum(int(t.n_elements) for t in mats))
 
 
+def model_mb(path: Path) -> float:
+    """The artifact's weights on disk: the file, and an ONNX model's external data beside it."""
+    from edgekit.cache import model_bytes
+
+    return model_bytes(path) / 1e6
+
+
 def score(path: Path, texts: dict[str, tuple[str, str]], tokens: int) -> dict:
     from edgekit.evaluate import measure_quality
     from edgekit.harness.quality import EvalConfig
@@ -65,7 +75,10 @@ def score(path: Path, texts: dict[str, tuple[str, str]], tokens: int) -> dict:
     src = resolve(None)
     ref = load_reference(src)
     out = {}
-    with LlamaCppSession(path, n_ctx=512) as s:
+    from edgekit.registry import RUNTIMES
+
+    session = LlamaCppSession(path, n_ctx=512) if path.suffix == ".gguf" else RUNTIMES.get("onnxruntime").open(path)
+    with session as s:
         for key, (body, label) in texts.items():
             q = measure_quality(s, ref, src.sha256, body, label, EvalConfig(max_tokens=tokens))
             out[key] = {k: q[k] for k in ("kld_mean", "kld_p99", "top1_agreement", "ppl", "ref_ppl")}
@@ -77,14 +90,15 @@ def edgekit_artifact(name: str, passes, out: Path, reuse: bool) -> tuple[Path, d
     from edgekit.manifest import read_manifest
     from edgekit.pipeline import ConvertRequest, convert
 
+    passes, fmt = passes if isinstance(passes, tuple) else (passes, "gguf")
     d = out / f"edgekit-{name}"
     if reuse and read_manifest(d):
-        return d / "model.gguf", read_manifest(d)
+        return d / read_manifest(d)["artifact"]["file"], read_manifest(d)
     recipe = recipes.load(passes) if isinstance(passes, str) else recipes.check(recipes.Recipe(name, passes))
     t0 = time.perf_counter()
-    m = convert(ConvertRequest(None, "gguf", None, d, force=True, recipe=recipe))
+    m = convert(ConvertRequest(None, fmt, None, d, force=True, recipe=recipe))
     m["timings_s"]["bench_total_s"] = time.perf_counter() - t0
-    return d / "model.gguf", m
+    return d / m["artifact"]["file"], m
 
 
 def llama_tools(build: bool) -> Path | None:
@@ -148,7 +162,8 @@ def main() -> None:
     for name, (path, manifest) in files.items():
         t0 = time.perf_counter()
         q = score(path, texts, args.tokens)
-        row = {"name": name, "file": str(path), "size_mb": path.stat().st_size / 1e6, "bpw": weight_bits(path),
+        bpw = weight_bits(path) if path.suffix == ".gguf" else manifest["artifact"]["weights_bpw"]
+        row = {"name": name, "file": str(path), "size_mb": model_mb(path), "bpw": bpw,
                "score_s": round(time.perf_counter() - t0, 1), **q}
         if manifest:
             row["convert_s"] = manifest.get("timings_s", {}).get("total_s")

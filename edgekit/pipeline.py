@@ -111,7 +111,8 @@ def convert(request: ConvertRequest) -> dict[str, Any]:
         timings["total_s"] = time.perf_counter() - t_all
         bits = export_info.pop("bits_per_weight", None) or weight_bits(stage, exporter, work)
         manifest = Manifest(
-            artifact={"format": fmt, "file": exporter.filename, "runtime": exporter.runtime, **export_info},
+            artifact={"format": fmt, "file": exporter.filename, "runtime": exporter.runtime, **export_info}
+            | ({"weights_bpw": round(weights_bpw(work), 4)} if hasattr(work, "linear_names") else {}),
             source=source.describe(),
             model=reference.describe() | {"kind": source.model_kind, "parameters_after_passes": work.num_parameters()}
             | ({"spec_after_passes": work.spec.to_dict()} if hasattr(work, "spec") else {}),
@@ -278,6 +279,14 @@ def recipe_warnings(recipe, records: list[dict[str, Any]], quality: dict[str, An
     for w in out:
         log(f"[bold red]WARNING[/bold red]: {w}")
     return out
+
+
+def weights_bpw(model) -> float:
+    """Bits per weight over the 2-D weights (linears and embedding) as the passes encoded them: the
+    format-neutral figure ``--target-bpw`` budgets (block scales included, file headers not)."""
+    names = model.linear_names()
+    total = sum(model.tensors[n].size for n in names)
+    return sum(model.tensors[n].size * model.encoding(n).bits_per_weight for n in names) / max(1, total)
 
 
 def weight_bits(stage: Path, exporter, model) -> float:

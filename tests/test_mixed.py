@@ -134,3 +134,18 @@ def test_target_bpw_flag_conflicts_are_one_line(tmp_path):
     r = CliRunner().invoke(app, ["convert", "--target-bpw", "4.25", "--quant", "int4", "-o", str(tmp_path / "x")])
     assert r.exit_code != 0 and "--target-bpw" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_embedded_model_below_the_gguf_floor_is_refused_before_calibration(tmp_path):
+    """4.25 bits per weight is below what GGUF holds for the embedded model (Q4_0 everywhere is 4.5):
+    one line naming ONNX, before any calibration or sensitivity work, and nothing written."""
+    from edgekit import recipes
+    from edgekit.errors import EdgekitError
+    from edgekit.pipeline import ConvertRequest, convert
+
+    with pytest.raises(EdgekitError) as exc:
+        convert(ConvertRequest(None, "gguf", None, tmp_path / "x",
+                               recipe=recipes.from_flags("mixed", storage_params={"bpw": 4.25})))
+    line = exc.value.one_line()
+    assert "4.25" in line and "4.500" in line and "--format onnx" in line and "\n" not in line
+    assert not (tmp_path / "x").exists()

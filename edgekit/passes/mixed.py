@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.model import BlockQuant, Cast, Model
-from edgekit.passes import Pass, PassContext, is_output_head
+from edgekit.passes import Pass, PassContext
 
 BLOCK = 32
 GRID_OF_BITS = {2: "int2", 4: "int4", 8: "int8"}
