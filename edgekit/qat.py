@@ -188,10 +188,8 @@ def blockwise(net, teacher, quants: dict[str, FakeQuant], train: list[list[int]]
         for p in weights + scales:
             p.requires_grad_(True)
         before = val_error()
-        groups = [{"params": weights, "lr": lr_weights, "base": lr_weights}]
-        if scales:  # nothing quantized (a pruned layer rebuilt in float): weights only
-            groups.append({"params": scales, "lr": lr_scales, "base": lr_scales})
-        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        opt = torch.optim.AdamW([{"params": weights, "lr": lr_weights, "base": lr_weights},
+                                 {"params": scales, "lr": lr_scales, "base": lr_scales}], weight_decay=0.0)
         for step in range(steps):
             if step % steps_per_epoch == 0:
                 order = torch.randperm(n_t, generator=gen)

@@ -144,9 +144,8 @@ class PrunePass(Pass):
     needs_calibration = True
     structural = True
     order = 10  # pruning ranks channels of the full-width model
-    param_types = {"mlp": float, "heads": float, "recover": int, "lr": float, "uniform": bool, "rebuild": float}
-    param_ranges = {"mlp": (0.0, 1.0, "[)"), "heads": (0.0, 1.0, "[)"), "recover": (0, 1_000_000, "[]"), "lr": (0.0, 1.0, "(]"),
-                    "rebuild": (0.0, 1000.0, "[]")}
+    param_types = {"mlp": float, "heads": float, "recover": int, "lr": float, "uniform": bool}
+    param_ranges = {"mlp": (0.0, 1.0, "[)"), "heads": (0.0, 1.0, "[)"), "recover": (0, 1_000_000, "[]"), "lr": (0.0, 1.0, "(]")}
 
     @classmethod
     def params_problem(cls, params: dict[str, Any]) -> str | None:
@@ -182,15 +181,7 @@ class PrunePass(Pass):
         del grams
         record: dict[str, Any] = {"pass": self.name, "mlp": mlp, "heads": heads, "uniform": uniform,
                                   "saliency": "activation-weighted (E[a^2] * ||W_out column||^2)"}
-        rebuild = float(self.params.get("rebuild", 0.0))
-        if rebuild > 0:
-            # cut first, then rebuild each layer against the float layer, then distil end to end
-            remove(model, mlp_cut, head_cut)
-            record["rebuild"] = rebuild_layers(model, ctx.reference if ctx.reference is not None else model, seqs,
-                                               rebuild, float(self.params.get("lr", 1e-4)), ctx.progress)
-            if steps > 0:
-                record["recovery"] = self._distill_cut(model, ctx, seqs, steps)
-        elif steps > 0:
+        if steps > 0:
             teacher = ctx.reference if ctx.reference is not None else model
             wins = recovery_windows(seqs)
             t_lp = teacher_logprobs(teacher, wins, ctx.progress)
@@ -213,45 +204,9 @@ class PrunePass(Pass):
                                          ctx.progress)
             record["recovery"]["fade_steps"] = fade
             net.write_back(model)
-        if rebuild <= 0:
-            remove(model, mlp_cut, head_cut)
+        remove(model, mlp_cut, head_cut)
         widths = [model.layer_widths(i) for i in range(model.spec.num_layers)]
         record.update({"parameters_before": params_before, "parameters_after": model.num_parameters(),
                        "mlp_widths": [w["intermediate"] for w in widths], "heads_per_layer": [w["heads"] for w in widths],
                        "calibration_tokens": int(sum(map(len, seqs)))})
         return record
-
-    def _distill_cut(self, model: Model, ctx: PassContext, seqs: list[list[int]], steps: int) -> dict[str, Any]:
-        """Distillation of the already-cut model from the float one (no masks: the units are gone)."""
-        from edgekit.architectures.torch_decoder import DecoderNet
-        from edgekit.passes.recovery import distill, recovery_windows, teacher_logprobs
-
-        wins = recovery_windows(seqs)
-        t_lp = teacher_logprobs(ctx.reference if ctx.reference is not None else model, wins, ctx.progress)
-        net = DecoderNet(model, trainable=True)
-        out = distill(net, t_lp, wins, steps, float(self.params.get("lr", 1e-4)), None, ctx.progress)
-        net.write_back(model)
-        return out
-
-
-def rebuild_layers(model: Model, reference: Model, seqs: list[list[int]], epochs: float, lr: float,
-                   progress=None) -> dict[str, Any]:
-    """Block-wise reconstruction: each cut layer in turn trains its remaining weights and norms so that,
-    fed what the already-rebuilt layers before it produce, it reproduces the float layer's outputs
-    (:func:`edgekit.qat.blockwise` with nothing quantized). Local, one layer's activations at a time:
-    it repairs each layer's own damage before end-to-end distillation spends its few steps."""
-    import torch
-
-    from edgekit import qat
-    from edgekit.architectures.torch_decoder import DecoderNet, set_threads
-    from edgekit.passes.recovery import recovery_windows
-
-    set_threads()
-    train, val = qat.split_validation(recovery_windows(seqs))
-    student, teacher = DecoderNet(model), DecoderNet(reference).eval()
-    out = qat.blockwise(student, teacher, {}, train, val, epochs, lr, 0.0, 4, torch.device("cpu"), progress)
-    frozen = {L.EMBED, L.HEAD}
-    for n in student.names:
-        if n not in frozen and n in model.tensors:
-            model.tensors[n] = student.param(n).detach().numpy().astype(np.float32).copy()
-    return out
