@@ -47,6 +47,7 @@ EDGEKIT_ROWS = {
     # mixed precision under a budget below Q4_0's 4.5 bits: 2-bit blocks exist in ONNX (MatMulNBits), not GGUF
     "int4-head4-onnx": ("int4-head4", "onnx"),
     "mixed-4.25-onnx": ([{"pass": "mixed", "bpw": 4.25}], "onnx"),
+    "mixed-4.5-onnx": ([{"pass": "mixed", "bpw": 4.5}], "onnx"),  # the same size as int4-head4: a like-for-like test
 }
 
 
