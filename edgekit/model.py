@@ -184,6 +184,13 @@ class Model(EncodedTensors):
                 names += list(factors)
         return names
 
+    def weights_bpw(self) -> float:
+        """Bits per weight over the 2-D weights (linears and embedding) as encoded: the format-neutral
+        figure ``--target-bpw`` budgets (block scales included, file headers not)."""
+        names = self.linear_names()
+        total = sum(self.tensors[n].size for n in names)
+        return sum(self.tensors[n].size * self.encoding(n).bits_per_weight for n in names) / max(1, total)
+
     def linear_names(self) -> list[str]:
         """The 2-D matrices that quantization passes may encode (not the norms), factors of low-rank layers included."""
         return [n for n in self.tensor_order() if self.tensors[n].ndim == 2]

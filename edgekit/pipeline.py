@@ -112,7 +112,7 @@ def convert(request: ConvertRequest) -> dict[str, Any]:
         bits = export_info.pop("bits_per_weight", None) or weight_bits(stage, exporter, work)
         manifest = Manifest(
             artifact={"format": fmt, "file": exporter.filename, "runtime": exporter.runtime, **export_info}
-            | ({"weights_bpw": round(weights_bpw(work), 4)} if hasattr(work, "linear_names") else {}),
+            | ({"weights_bpw": round(work.weights_bpw(), 4)} if hasattr(work, "weights_bpw") else {}),
             source=source.describe(),
             model=reference.describe() | {"kind": source.model_kind, "parameters_after_passes": work.num_parameters()}
             | ({"spec_after_passes": work.spec.to_dict()} if hasattr(work, "spec") else {}),
@@ -231,7 +231,7 @@ def run_passes(recipe, work, reference, kind, exporter, r: ConvertRequest) -> li
 
     ctx = PassContext(calibration_tokens=calibration, progress=r.progress, reference=reference, log=r.log,
                       options={"per_layer_widths": exporter.capabilities.per_layer_widths,
-                               "block_bits": tuple(sorted(exporter.capabilities.mixed_bits)), "format": exporter.name})
+                               "mixed_bits": tuple(sorted(exporter.capabilities.mixed_bits)), "format": exporter.name})
     track = _tracked(recipe)
     records = []
     for spec in recipe.passes:
@@ -279,14 +279,6 @@ def recipe_warnings(recipe, records: list[dict[str, Any]], quality: dict[str, An
     for w in out:
         log(f"[bold red]WARNING[/bold red]: {w}")
     return out
-
-
-def weights_bpw(model) -> float:
-    """Bits per weight over the 2-D weights (linears and embedding) as the passes encoded them: the
-    format-neutral figure ``--target-bpw`` budgets (block scales included, file headers not)."""
-    names = model.linear_names()
-    total = sum(model.tensors[n].size for n in names)
-    return sum(model.tensors[n].size * model.encoding(n).bits_per_weight for n in names) / max(1, total)
 
 
 def weight_bits(stage: Path, exporter, model) -> float:

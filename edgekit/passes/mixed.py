@@ -135,7 +135,7 @@ class MixedPass(Pass):
 
         t0 = time.perf_counter()
         target = float(self.params["bpw"])
-        held = sorted(set(ctx.options.get("block_bits", (4, 8))) & set(GRID_OF_BITS))
+        held = sorted(set(ctx.options.get("mixed_bits", (4, 8))) & set(GRID_OF_BITS))
         names = model.linear_names()
         head = model.output_head_name()
         sizes = {n: int(model.tensors[n].size) for n in names}
@@ -170,8 +170,7 @@ class MixedPass(Pass):
             else:
                 model.encodings[n] = gptq_quantize(w, hessians[n], damp=damp, grid=GRIDS[GRID_OF_BITS[b]])
             ctx.progress("GPTQ (mixed widths)", k + 1, len(names))
-        total = sum(sizes.values())
-        achieved = sum(sizes[n] * storage_bpw(choice[n]) for n in names) / total
+        achieved = model.weights_bpw()
         counts = {str(b): sum(1 for n in names if choice[n] == b) for b in sorted(set(choice.values()))}
         return {"pass": self.name, "target_bpw": target, "bpw": round(achieved, 4), "widths_held": held + [FLOAT_BITS],
                 "tensors_per_width": counts, "choices": {n: choice[n] for n in names},
