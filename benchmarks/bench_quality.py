@@ -46,6 +46,8 @@ EDGEKIT_ROWS = {
     "qat-ternary": [{"pass": "qat", "grid": "ternary"}],
     # mixed precision under a budget below Q4_0's 4.5 bits: 2-bit blocks exist in ONNX (MatMulNBits), not GGUF
     "int4-head4-onnx": ("int4-head4", "onnx"),
+    # uniform int4 at 4.25 bits per weight (one fp16 scale per 64 weights): mixed-4.25's like-for-like rival
+    "int4-g64-onnx": ([{"pass": "int4", "head": "int4", "block": 64}], "onnx"),
     "mixed-4.25-onnx": ([{"pass": "mixed", "bpw": 4.25}], "onnx"),
     "mixed-4.5-onnx": ([{"pass": "mixed", "bpw": 4.5}], "onnx"),  # the same size as int4-head4: a like-for-like test
 }

@@ -83,7 +83,7 @@ class ONNXExporter(Exporter):
     runtime = "onnxruntime"
     # every layer's shapes are read from its tensors, and a factorized linear becomes two MatMul(NBits)
     capabilities = Capabilities(kinds=frozenset({"decoder", "encoder"}), bits=frozenset(NBITS), lowrank=True,
-                                mixed_bits=frozenset({2, 4, 8}),
+                                mixed_bits=frozenset({2, 4, 8}), blocks=frozenset({32, 64, 128}),
                                 per_layer_widths=True)
 
     def __init__(self, accuracy_level: int | None = None):

@@ -34,6 +34,9 @@ class Capabilities:
     # integer widths it stores in blocks of 32 at their own size (bits + 16/32 per weight): what mixed
     # precision (--target-bpw) may choose among, besides fp16
     mixed_bits: frozenset[int] = frozenset({4, 8})
+    # block sizes its 2- and 4-bit block containers hold (one fp16 scale per block): what an int4 recipe's
+    # ``block`` and mixed precision may use
+    blocks: frozenset[int] = frozenset({32})
 
     def refusal(self, kind: str, structural: set[str], fmt: str) -> str | None:
         """Why a recipe with these structural passes cannot land in this format, or None."""

@@ -166,8 +166,14 @@ def _check_recipe(recipe, exporter, model_kind: str, fmt: str) -> None:
         if cls.structural:
             structural.add(spec["pass"])
     storage = recipe.passes[-1] if recipe.passes else None
-    codebook = PASSES.get(storage["pass"])(**{k: v for k, v in storage.items() if k != "pass"}).grid_codebook() \
-        if storage else None
+    storage_pass = PASSES.get(storage["pass"])(**{k: v for k, v in storage.items() if k != "pass"}) if storage else None
+    codebook = storage_pass.grid_codebook() if storage_pass else None
+    block = storage_pass.block_size() if storage_pass else None
+    if block and block not in exporter.capabilities.blocks:
+        able = [n for n in EXPORTERS.names() if block in EXPORTERS.get(n).capabilities.blocks]
+        raise EdgekitError(f"the {fmt} format holds {storage['pass']} weights in blocks of "
+                           f"{', '.join(map(str, sorted(exporter.capabilities.blocks)))}, not {block}",
+                           ("use " + ", ".join(f"--format {n}" for n in able)) if able else "drop the block parameter")
     if codebook and codebook not in exporter.capabilities.codebooks:
         able = [n for n in EXPORTERS.names() if codebook in EXPORTERS.get(n).capabilities.codebooks]
         raise EdgekitError(f"the {fmt} format holds only uniform integer grids, not {storage['pass']}'s {codebook} "
@@ -231,7 +237,8 @@ def run_passes(recipe, work, reference, kind, exporter, r: ConvertRequest) -> li
 
     ctx = PassContext(calibration_tokens=calibration, progress=r.progress, reference=reference, log=r.log,
                       options={"per_layer_widths": exporter.capabilities.per_layer_widths,
-                               "mixed_bits": tuple(sorted(exporter.capabilities.mixed_bits)), "format": exporter.name})
+                               "mixed_bits": tuple(sorted(exporter.capabilities.mixed_bits)),
+                               "blocks": tuple(sorted(exporter.capabilities.blocks)), "format": exporter.name})
     track = _tracked(recipe)
     records = []
     for spec in recipe.passes:

@@ -72,6 +72,11 @@ class Pass:
         """The codebook this pass (with its parameters) stores, checked against the format before any work."""
         return self.codebook
 
+    def block_size(self) -> int | None:
+        """The block size of the 2- / 4-bit blocks this pass stores when a recipe chooses one (None: the
+        default blocks of 32), checked against the format before any work."""
+        return None
+
     def apply(self, model: Model, ctx: PassContext) -> dict[str, Any]:
         """Compress ``model`` in place and return a JSON-able record of what was done."""
         raise NotImplementedError

@@ -143,16 +143,23 @@ class Int4Pass(Pass):
     needs_calibration = True
     kinds = frozenset({"decoder", "encoder"})
     tolerance = {"kld_mean": 0.6, "cosine_distance_mean": 0.03, "cosine_distance_worst": 0.15}
-    param_types = {"damp": float, "head": str}
+    param_types = {"damp": float, "head": str, "block": int}
     param_ranges = {"damp": (0.0, 1.0, "(]")}
     grid_name = "int4"  # the grid of edgekit.qat.GRIDS the numbers land on
     HEADS = ("q8_0", "int4")
+    # one fp16 scale per block: 4.5, 4.25 or 4.125 bits per weight (32 is Q4_0; ONNX holds all three)
+    BLOCKS = (32, 64, 128)
 
     @classmethod
     def params_problem(cls, params: dict) -> str | None:
         if params.get("head", "q8_0") not in cls.HEADS:
             return f"{cls.name}.head must be one of {', '.join(cls.HEADS)}, not {params['head']!r}"
+        if params.get("block", BLOCK) not in cls.BLOCKS:
+            return f"{cls.name}.block must be one of {', '.join(map(str, cls.BLOCKS))}, not {params['block']!r}"
         return None
+
+    def block_size(self) -> int | None:
+        return int(self.params["block"]) if "block" in self.params else None
 
     def apply(self, model: Model, ctx: PassContext) -> dict:
         from edgekit.passes.rtn import quantize_q4_0
@@ -166,6 +173,7 @@ class Int4Pass(Pass):
         # input Gram matrices of every matrix, by weight name, from the model's own forward pass
         hessians = model.input_grams(seqs, ctx.progress)
         head = str(self.params.get("head", "q8_0"))
+        block = int(self.params.get("block", BLOCK))
         if head == "int4":
             # the head reads the final norm's output: one more statistic, from a forward pass of its own
             hessians[model.output_head_name()] = final_hidden_gram(model, seqs)
@@ -178,18 +186,18 @@ class Int4Pass(Pass):
                 continue
             if n not in hessians:
                 # an untied input embedding is a lookup: no input statistics to compensate with
-                model.encodings[n] = quantize_q4_0(w)
+                model.encodings[n] = quantize_q4_0(w, block)
                 continue
             H = hessians[n]
-            bq = gptq_quantize(w, H, damp=float(self.params.get("damp", 0.01)), grid=grid)
+            bq = gptq_quantize(w, H, block=block, damp=float(self.params.get("damp", 0.01)), grid=grid)
             # keep a record of what the data-aware search bought over round-to-nearest, per layer
-            gains.append(layer_output_error(w, quantize_q4_0(w), H) / max(layer_output_error(w, bq, H), 1e-30))
+            gains.append(layer_output_error(w, quantize_q4_0(w, block), H) / max(layer_output_error(w, bq, H), 1e-30))
             model.encodings[n] = bq
             ctx.progress("GPTQ int4", k + 1, len(names))
         return {
             "pass": self.name,
             "tensors": len(names),
-            "block_size": BLOCK,
+            "block_size": block,
             "output_head": head,
             "calibration_tokens": int(sum(len(s) for s in seqs)),
             "method": "gptq+weighted-scale-search",
