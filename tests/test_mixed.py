@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model
 from edgekit.model import BlockQuant, Cast, Model
 from edgekit.passes import PassContext
-from edgekit.passes.mixed import MixedPass, allocate, label, storage_bpw
+from edgekit.passes.mixed import MixedPass, allocate, storage_bpw
 
 
 def seqs(n: int, length: int, seed: int) -> list[list[int]]:
