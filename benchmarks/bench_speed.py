@@ -14,6 +14,11 @@ a child process, between the Python rows) so that slow phases of a shared machin
 - speculative: each edgekit session with prompt lookup; the Q4_0 GGUF with the draft `edgekit convert --draft-for`
   makes for it (layers dropped and distilled; built into --out once); the Q8_0 GGUF drafted by its own Q4_0.
 
+The measuring process never imports torch (the artifacts are converted in a child process first), as an
+app embedding ``edgekit.load`` would not: measured here, a process that has imported torch and run one
+matmul decodes llama.cpp's Q4_0 8-10% slower (torch's OpenMP workers stay resident beside ggml's), which
+is the gap to llama-bench an earlier version of this bench reported.
+
 Every Python row decodes N tokens greedily after the same prompt (``ignore_eos``); speculative rows are
 checked token for token against the same session without a draft. Two prompts: open-ended (a story) and
 input-grounded (rewrite a passage of the shipped evaluation text), both through the model's chat template.
@@ -30,6 +35,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -110,8 +116,16 @@ def main() -> None:
     ap.add_argument("--no-build", action="store_true", help="Skip building llama-bench when it is missing.")
     ap.add_argument("--draft-recipe", action="append", help="Draft candidates for `--draft-for` (default: its own).")
     ap.add_argument("--no-head4", action="store_true", help="Leave out the ONNX int4 with a 4-bit head.")
+    ap.add_argument("--prepare-only", action="store_true", help="Convert the artifacts and stop (the child process).")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.prepare_only:
+        artifacts(args.out, args.draft_recipe, not args.no_head4)
+        return
+    # conversion imports torch: it runs in a child, so that this process measures as a torch-free app would
+    child = [sys.executable, __file__, "--prepare-only", "--out", str(args.out)] + (["--no-head4"] if args.no_head4 else []) \
+        + [a for r in (args.draft_recipe or []) for a in ("--draft-recipe", r)]
+    subprocess.run(child, check=True)
     import llama_cpp
 
     import edgekit
@@ -121,6 +135,8 @@ def main() -> None:
     console = Console(width=200)  # tables go to logs too: keep every column
     threads = default_threads()
     arts = artifacts(args.out, args.draft_recipe, not args.no_head4)
+    if "torch" in sys.modules:
+        raise SystemExit("bench_speed: torch was imported in the measuring process; the rows would be slowed by it")
     binary = llama_bench_bin()
     if binary is None and not args.no_build:
         subprocess.run(["bash", str(HERE / "build_llama_tools.sh")], check=True, cwd=REPO)
@@ -179,7 +195,8 @@ def main() -> None:
                 if rnd:
                     accept[p].setdefault(name, []).append(s.last_speculation)
         console.print(f"round {rnd}/{args.rounds} done")
-    result = {"tokens": n, "threads": threads, "rounds": args.rounds, "read_bandwidth_bytes_s": bw, "prompts": {}}
+    result = {"tokens": n, "threads": threads, "rounds": args.rounds, "read_bandwidth_bytes_s": bw,
+              "torch_in_process": "torch" in sys.modules, "prompts": {}}
     for p in prompts:
         ctx = len(ids[p]) + n // 2
         ref = statistics.median(rates[p]["llama-bench q4_0"]) if "llama-bench q4_0" in rates[p] else \

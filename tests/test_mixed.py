@@ -190,3 +190,12 @@ def test_int4_in_blocks_of_64_lands_in_onnx_and_is_refused_by_gguf_first(tmp_pat
     line = exc.value.one_line()
     assert "64" in line and "--format onnx" in line and "\n" not in line
     assert not (tmp_path / "x").exists()
+
+
+def test_min_bits_keeps_every_tensor_at_or_above_it():
+    m = small_vocab(3)
+    calib = seqs(6, 128, seed=1)
+    options = {"mixed_bits": (2, 4, 8), "blocks": (32, 64, 128), "format": "onnx"}
+    rec = MixedPass(bpw=4.2, windows=4, min_bits=4).apply(m, PassContext(calibration_tokens=lambda: calib, options=options))
+    assert rec["tensors_per_width"] and not any(w.startswith("int2") for w in rec["tensors_per_width"])
+    assert all(m.encoding(n).bits >= 4 for n in m.linear_names() if isinstance(m.encoding(n), BlockQuant))

@@ -154,8 +154,9 @@ class MixedPass(Pass):
     needs_calibration = True
     kinds = frozenset({"decoder"})
     tolerance = {"kld_mean": 1.0}
-    param_types = {"bpw": float, "windows": int, "damp": float}
-    param_ranges = {"bpw": (2.0, 16.0, "[]"), "windows": (1, 4096, "[]"), "damp": (0.0, 1.0, "(]")}
+    param_types = {"bpw": float, "windows": int, "damp": float, "min_bits": int}
+    param_ranges = {"bpw": (2.0, 16.0, "[]"), "windows": (1, 4096, "[]"), "damp": (0.0, 1.0, "(]"),
+                    "min_bits": (2, 8, "[]")}
 
     @classmethod
     def params_problem(cls, params: dict[str, Any]) -> str | None:
@@ -170,7 +171,8 @@ class MixedPass(Pass):
 
         t0 = time.perf_counter()
         target = float(self.params["bpw"])
-        held = tuple(sorted(set(ctx.options.get("mixed_bits", (4, 8))) & set(GRID_OF_BITS)))
+        held = tuple(sorted(b for b in set(ctx.options.get("mixed_bits", (4, 8))) & set(GRID_OF_BITS)
+                            if b >= int(self.params.get("min_bits", 2))))
         names = model.linear_names()
         head = model.output_head_name()
         sizes = {n: int(model.tensors[n].size) for n in names}
