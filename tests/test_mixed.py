@@ -199,3 +199,17 @@ def test_min_bits_keeps_every_tensor_at_or_above_it():
     rec = MixedPass(bpw=4.2, windows=4, min_bits=4).apply(m, PassContext(calibration_tokens=lambda: calib, options=options))
     assert rec["tensors_per_width"] and not any(w.startswith("int2") for w in rec["tensors_per_width"])
     assert all(m.encoding(n).bits >= 4 for n in m.linear_names() if isinstance(m.encoding(n), BlockQuant))
+
+
+def test_int4_block_that_does_not_divide_a_layer_is_one_line_before_calibration():
+    from edgekit.errors import InputError
+    from edgekit.passes.int4 import Int4Pass
+
+    m = tiny_model(seed=1)  # 64-wide rows: blocks of 128 cannot tile them
+
+    def no_calibration():
+        raise AssertionError("calibration must not start")
+
+    with pytest.raises(InputError) as exc:
+        Int4Pass(block=128).apply(m, PassContext(calibration_tokens=no_calibration))
+    assert "128" in exc.value.one_line() and "\n" not in exc.value.one_line()

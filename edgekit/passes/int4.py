@@ -166,6 +166,13 @@ class Int4Pass(Pass):
         from edgekit.qat import GRIDS
 
         grid = GRIDS[self.grid_name]
+        block = int(self.params.get("block", BLOCK))
+        uneven = next((n for n in model.linear_names() if model.tensors[n].shape[1] % block), None)
+        if uneven:  # before any calibration work
+            from edgekit.errors import InputError
+
+            raise InputError(f"{self.name} block {block} does not divide the {model.tensors[uneven].shape[1]} columns of {uneven}",
+                             "choose a block size that divides every layer's input width (32 always does)")
 
         if ctx.calibration_tokens is None:
             raise ValueError("int4 needs calibration tokens")
@@ -173,7 +180,6 @@ class Int4Pass(Pass):
         # input Gram matrices of every matrix, by weight name, from the model's own forward pass
         hessians = model.input_grams(seqs, ctx.progress)
         head = str(self.params.get("head", "q8_0"))
-        block = int(self.params.get("block", BLOCK))
         if head == "int4":
             # the head reads the final norm's output: one more statistic, from a forward pass of its own
             hessians[model.output_head_name()] = final_hidden_gram(model, seqs)
