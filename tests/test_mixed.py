@@ -56,6 +56,22 @@ def _label(enc) -> str:
     return "fp16" if isinstance(enc, Cast) else f"int{enc.bits}/g{enc.block_size}"
 
 
+def assert_onnx_computes_what_torch_does(m: Model, out) -> None:
+    """Export ``m`` to ONNX and check ONNX Runtime's logits against torch's on the same numbers."""
+    from edgekit.converters.onnx import ONNXExporter
+    from edgekit.reference import TorchReference
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
+
+    out.mkdir()
+    ONNXExporter(0).export(m, out)  # accuracy_level 0: float activations, exact products
+    eff = Model(m.spec, {n: m.effective_weight(n) for n in m.tensors}, m.tokenizer, m.name)
+    ids = list(range(200, 248))
+    want = TorchReference(eff).logits(ids)
+    with OnnxRuntimeSession(out / "model.onnx") as s:
+        got = s.logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
 @pytest.mark.parametrize("bpw", [3.8, 4.25, 6.0])
 def test_budget_is_kept_and_each_choice_recorded(bpw):
     m = small_vocab(3)
@@ -107,22 +123,12 @@ def test_mixed_widths_export_to_onnx_and_gguf_bit_for_bit(tmp_path):
     computes what torch computes with the same numbers; GGUF (4 / 8 only) reads back exactly."""
     from edgekit.converters.gguf import GGUFExporter
     from edgekit.converters.gguf_layout import read_gguf_model
-    from edgekit.converters.onnx import ONNXExporter
-    from edgekit.reference import TorchReference
-    from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
 
     m = tiny_model(seed=5)
     rec = _run(m, 4.22)  # the embedding is most of this model: just above its floor some tensors go to 2 bits
     held = [w for w in rec["tensors_per_width"] if w.startswith("int")]
     assert {"2", "4"} <= {w[3] for w in held} and {"g32", "g64"} <= {w.split("/")[1] for w in held}
-    (tmp_path / "onnx").mkdir()
-    ONNXExporter(0).export(m, tmp_path / "onnx")  # accuracy_level 0: float activations, exact products
-    eff = Model(m.spec, {n: m.effective_weight(n) for n in m.tensors}, m.tokenizer, m.name)
-    ids = list(range(200, 248))
-    want = TorchReference(eff).logits(ids)
-    with OnnxRuntimeSession(tmp_path / "onnx" / "model.onnx") as s:
-        got = s.logits(ids)
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert_onnx_computes_what_torch_does(m, tmp_path / "onnx")
 
     g = tiny_model(seed=5)
     _run(g, 5.0, bits=(4, 8), blocks=(32,))
@@ -162,12 +168,9 @@ def test_int4_in_blocks_of_64_lands_in_onnx_and_is_refused_by_gguf_first(tmp_pat
     """int4 ``block`` 64 (4.25 bits per weight) exports to ONNX MatMulNBits with that block; GGUF (Q4_0: blocks
     of 32 only) refuses it in one line naming ONNX before any calibration, and writes nothing."""
     from edgekit import recipes
-    from edgekit.converters.onnx import ONNXExporter
     from edgekit.errors import EdgekitError
     from edgekit.passes.int4 import Int4Pass
     from edgekit.pipeline import ConvertRequest, convert
-    from edgekit.reference import TorchReference
-    from edgekit.runtimes.onnxruntime import OnnxRuntimeSession
 
     m = small_vocab(6)
     calib = seqs(6, 128, seed=2)
@@ -175,14 +178,7 @@ def test_int4_in_blocks_of_64_lands_in_onnx_and_is_refused_by_gguf_first(tmp_pat
     assert rec["block_size"] == 64
     assert {m.encoding(n).block_size for n in m.linear_names()} == {64}
     assert m.weights_bpw() == pytest.approx(4.25)
-    (tmp_path / "onnx").mkdir()
-    ONNXExporter(0).export(m, tmp_path / "onnx")
-    eff = Model(m.spec, {n: m.effective_weight(n) for n in m.tensors}, m.tokenizer, m.name)
-    ids = list(range(200, 248))
-    want = TorchReference(eff).logits(ids)
-    with OnnxRuntimeSession(tmp_path / "onnx" / "model.onnx") as s:
-        got = s.logits(ids)
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert_onnx_computes_what_torch_does(m, tmp_path / "onnx")
 
     with pytest.raises(EdgekitError) as exc:
         convert(ConvertRequest(None, "gguf", None, tmp_path / "x",
