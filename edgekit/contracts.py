@@ -31,7 +31,7 @@ class Capabilities:
     lowrank: bool = False  # two factors in place of one matrix
     per_layer_widths: bool = False  # layers of different widths after structured pruning
     codebooks: frozenset[str] = frozenset()  # non-uniform block grids it holds (e.g. "iq4_nl")
-    # integer widths it stores in blocks of 32 at their own size (bits + 16/32 per weight): what mixed
+    # integer widths it stores in blocks at their own size (bits + 16 / block per weight): what mixed
     # precision (--target-bpw) may choose among, besides fp16
     mixed_bits: frozenset[int] = frozenset({4, 8})
     # block sizes its 2- and 4-bit block containers hold (one fp16 scale per block): what an int4 recipe's
