@@ -107,6 +107,8 @@ def allocate(sizes: dict[str, int], costs: dict[str, dict[tuple[int, int], float
         raise ValueError("budget below the smallest widths")
     spare = budget_bits - floor
     unit = spare / resolution if spare > 0 else 1.0
+    # each option's bits above the tensor's smallest, in whole units rounded up (the budget always holds)
+    steps = {n: [int(np.ceil((b - bits[n][0]) / unit - 1e-9)) if j else 0 for j, b in enumerate(bits[n])] for n in names}
     # best[c]: the least loss with c units spent above the smallest widths; pick[k][c]: tensor k's option there
     best = np.full(resolution + 1, np.inf)
     best[0] = 0.0
@@ -115,7 +117,7 @@ def allocate(sizes: dict[str, int], costs: dict[str, dict[tuple[int, int], float
         new = np.full_like(best, np.inf)
         pick = np.zeros(resolution + 1, dtype=np.int8)
         for j, w in enumerate(options[n]):
-            step = int(np.ceil((bits[n][j] - bits[n][0]) / unit - 1e-9)) if j else 0
+            step = steps[n][j]
             if step > resolution:
                 continue
             cand = np.full_like(best, np.inf)
@@ -130,7 +132,7 @@ def allocate(sizes: dict[str, int], costs: dict[str, dict[tuple[int, int], float
         n = names[k]
         j = int(picks[k][c])
         choice[n] = options[n][j]
-        c -= int(np.ceil((bits[n][j] - bits[n][0]) / unit - 1e-9)) if j else 0
+        c -= steps[n][j]
     # spend what the rounding left on the best single upgrades (loss saved per extra bit) that still fit
     left = budget_bits - sum(sizes[n] * storage_bpw(w) for n, w in choice.items())
     while True:
