@@ -88,6 +88,25 @@ def _half_ste(s: torch.Tensor) -> torch.Tensor:
     return s.detach().half().float() + (s - s.detach())
 
 
+def int8_activations(block: int = 32) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The runtimes' integer activations, straight-through: llama.cpp multiplies its 4-bit blocks with the
+    input rounded to int8 per block of 32 along the row (Q8_0: scale = max |x| / 127, kept in fp16; Q8_K's
+    blocks of 256 for ternary), and ONNX Runtime's MatMulNBits at accuracy level 4 does the same per block.
+    Training through it makes the learnt scales fit the arithmetic that will run."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] % block:
+            return x
+        xb = x.reshape(*shape[:-1], shape[-1] // block, block)
+        d = xb.detach().abs().amax(-1, keepdim=True) / 127.0
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        q = torch.round(xb.detach() * inv) * d.half().float()
+        return (q + (xb - xb.detach())).reshape(shape)
+
+    return fn
+
+
 class FakeQuant:
     """A :class:`~edgekit.architectures.torch_decoder.Linear` ``weight_fn``: ``w -> scale * grid(w / scale)`` per block.
 
@@ -242,16 +261,23 @@ def kld(student_logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
 
 def end_to_end(net, quants: dict[str, FakeQuant], train: list[list[int]], val: list[list[int]],
                t_train: torch.Tensor, t_val: torch.Tensor, steps: int, lr: float, batch: int, device,
-               train_norms: bool = True, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+               train_norms: bool = True, lr_weights: float = 0.0,
+               progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """E2E-QP: frozen integers, step sizes (and norms) trained on KL(float || quantized); keeps the best
-    held-in validation checkpoint (the start counts)."""
+    held-in validation checkpoint (the start counts). With ``lr_weights`` > 0 the latent weights train
+    too (straight-through), so integers may flip where the model's output asks for it."""
     t0 = time.perf_counter()
     for q in quants.values():
         if q.codes is None:
             raise RuntimeError("freeze the integers before end-to-end training")
     scales = [q.scale for q in quants.values()]
     norms = [p for n, p in ((n, net.param(n)) for n in net.names) if p.ndim == 1] if train_norms else []
-    params = scales + norms
+    weights = [net.param(n) for n in quants] if lr_weights > 0 else []
+    frozen = {n: q.codes.clone() for n, q in quants.items()} if weights else {}
+    if weights:
+        for q in quants.values():
+            q.codes = None  # the latent weights decide the integers again
+    params = scales + norms + weights
     for p in params:
         p.requires_grad_(True)
     ids_t = torch.tensor(train, dtype=torch.long, device=device)
@@ -267,7 +293,8 @@ def end_to_end(net, quants: dict[str, FakeQuant], train: list[list[int]], val: l
     best = val_kld()
     first = best
     best_state = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = [{"params": scales + norms, "base": lr}] + ([{"params": weights, "base": lr_weights}] if weights else [])
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
     n = len(train)
     evals = max(1, steps // 4)
@@ -278,7 +305,7 @@ def end_to_end(net, quants: dict[str, FakeQuant], train: list[list[int]], val: l
         k = step % max(1, n // batch)
         idx = order[k * batch : (k + 1) * batch]
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(lr, step, steps)
+            g["lr"] = _cosine_lr(g["base"], step, steps)
         loss = kld(net(ids_t[idx.to(device)]), t_train[idx.to(device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,7 +322,15 @@ def end_to_end(net, quants: dict[str, FakeQuant], train: list[list[int]], val: l
             p.copy_(s)
     for p in params:
         p.requires_grad_(False)
-    return {"steps": steps, "lr": lr, "batch": batch, "train_norms": train_norms,
+    flipped = None
+    if weights:
+        before = {n: q for n, q in frozen.items()}
+        for n, q in quants.items():
+            q.freeze(net.param(n))
+        flipped = float(sum(int((quants[n].codes != before[n]).sum()) for n in quants)
+                        / max(1, sum(before[n].numel() for n in quants)))
+    return {"steps": steps, "lr": lr, "lr_weights": lr_weights, "integers_changed": flipped, "batch": batch,
+            "train_norms": train_norms,
             "val_kld_before": first, "val_kld_after": best,
             "loss_first10_mean": float(np.mean(curve[:10])) if curve else None,
             "loss_last10_mean": float(np.mean(curve[-10:])) if curve else None,

@@ -66,6 +66,9 @@ class Linear:
         # per weight name, overriding weight_fn (the two factors of a low-rank linear quantize apart)
         self.weight_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.input_hook: Callable[[str, torch.Tensor], None] | None = None
+        # what the runtime does to the input before the matmul (e.g. llama.cpp's int8 blocks of 32): QAT trains
+        # through it so that the numbers it learns are the ones the runtime's arithmetic rewards
+        self.input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def weights(self) -> list[torch.nn.Parameter]:
@@ -77,7 +80,7 @@ class Linear:
                 self.input_hook(name, x)
             w = self.net.param(name)
             fn = self.weight_fns.get(name, self.weight_fn)
-            x = F.linear(x, fn(w) if fn is not None else w)
+            x = F.linear(self.input_fn(x) if self.input_fn is not None else x, fn(w) if fn is not None else w)
         if self.bias_name is not None:
             x = x + self.net.param(self.bias_name)
         return x

@@ -35,7 +35,8 @@ from edgekit.passes import Pass, PassContext, is_output_head
 # and a 6x block-wise rate neither; end-to-end steps are what pay, at a rate of 2-3e-5 (1e-4 diverged), so
 # the budget goes to 200 of them.
 DEFAULTS: dict[str, Any] = {"grid": "int4", "window": 256, "epochs": 1.0, "e2e_steps": 200, "lr_weights": 5e-5,
-                            "lr_scales": 5e-4, "lr_e2e": 3e-5, "batch": 4}
+                            "lr_scales": 5e-4, "lr_e2e": 3e-5, "batch": 4, "act8": False,
+                            "lr_e2e_weights": 0.0}
 # ternary moves far from its start: more block-wise training, a higher rate
 TERNARY_DEFAULTS: dict[str, Any] = {"epochs": 8.0, "lr_weights": 1e-4, "lr_scales": 1e-3, "e2e_steps": 200, "lr_e2e": 1e-4}
 GRID_NAMES = ("int4", "nl4", "int8", "int2", "ternary")
@@ -49,9 +50,11 @@ class QATPass(Pass):
     trains = True
     kinds = frozenset({"decoder"})
     param_types = {"grid": str, "window": int, "epochs": float, "e2e_steps": int, "lr_weights": float,
-                   "lr_scales": float, "lr_e2e": float, "batch": int, "tokens": int}
+                   "lr_scales": float, "lr_e2e": float, "batch": int, "tokens": int,
+                   "act8": bool, "lr_e2e_weights": float}
     param_ranges = {"window": (16, 8192, "[]"), "epochs": (0.0, 1000.0, "[]"), "e2e_steps": (0, 1_000_000, "[]"),
                     "lr_weights": (0.0, 1.0, "[]"), "lr_scales": (0.0, 1.0, "[]"), "lr_e2e": (0.0, 1.0, "[]"),
+                    "lr_e2e_weights": (0.0, 1.0, "[]"),
                     "batch": (1, 4096, "[]"), "tokens": (256, 100_000_000, "[]")}
 
     def __init__(self, **params: Any):
@@ -113,6 +116,11 @@ class QATPass(Pass):
         teacher_model = ctx.reference if ctx.reference is not None else model
         teacher = DecoderNet(teacher_model).eval().to(device)
         student = DecoderNet(model).to(device)  # the model as earlier (structural) passes left it
+        if self.setting("act8"):
+            act = qat.int8_activations(256 if grid_name == "ternary" else 32)
+            for blk in student.blocks:
+                for lin in blk.lin.values():
+                    lin.input_fn = act
         quants: dict[str, qat.FakeQuant] = {}
         latent_float = grid_name == "ternary"
         with torch.no_grad():
@@ -129,7 +137,8 @@ class QATPass(Pass):
         record: dict[str, Any] = {"pass": self.name, "grid": grid_name, "device": device.type, "window_tokens": window,
                                   "train_windows": len(train), "validation_windows": len(val),
                                   "init": "float weights, absmean scales" if latent_float else "post-training (GPTQ) numbers",
-                                  "output_head": "q8_0 (frozen)"}
+                                  "output_head": "q8_0 (frozen)",
+                                  "activations": "int8 blocks (as the runtimes)" if self.setting("act8") else "float"}
         record["blockwise"] = qat.blockwise(student, teacher, quants, train, val, float(self.setting("epochs")),
                                             float(self.setting("lr_weights")), float(self.setting("lr_scales")), batch,
                                             device, ctx.progress)
@@ -143,6 +152,7 @@ class QATPass(Pass):
                     lin.weight_fns = {n: quants[n] for n in lin.names if n in quants}
             record["end_to_end"] = qat.end_to_end(student, quants, train, val, t_train, t_val, steps,
                                                   float(self.setting("lr_e2e")), max(1, batch // 4), device,
+                                                  lr_weights=float(self.setting("lr_e2e_weights")),
                                                   progress=ctx.progress)
         self._store(model, student, quants, init, grid)
         record["seconds_training"] = round(time.perf_counter() - t0, 1)
