@@ -51,10 +51,10 @@ class QATPass(Pass):
     kinds = frozenset({"decoder"})
     param_types = {"grid": str, "window": int, "epochs": float, "e2e_steps": int, "lr_weights": float,
                    "lr_scales": float, "lr_e2e": float, "batch": int, "tokens": int,
-                   "act8": bool, "lr_e2e_weights": float}
+                   "act8": bool, "lr_e2e_weights": float, "damp": float}
     param_ranges = {"window": (16, 8192, "[]"), "epochs": (0.0, 1000.0, "[]"), "e2e_steps": (0, 1_000_000, "[]"),
                     "lr_weights": (0.0, 1.0, "[]"), "lr_scales": (0.0, 1.0, "[]"), "lr_e2e": (0.0, 1.0, "[]"),
-                    "lr_e2e_weights": (0.0, 1.0, "[]"),
+                    "lr_e2e_weights": (0.0, 1.0, "[]"), "damp": (0.0, 1.0, "(]"),
                     "batch": (1, 4096, "[]"), "tokens": (256, 100_000_000, "[]")}
 
     def __init__(self, **params: Any):
