@@ -324,11 +324,10 @@ def end_to_end(net, quants: dict[str, FakeQuant], train: list[list[int]], val: l
         p.requires_grad_(False)
     flipped = None
     if weights:
-        before = {n: q for n, q in frozen.items()}
         for n, q in quants.items():
             q.freeze(net.param(n))
-        flipped = float(sum(int((quants[n].codes != before[n]).sum()) for n in quants)
-                        / max(1, sum(before[n].numel() for n in quants)))
+        flipped = float(sum(int((quants[n].codes != frozen[n]).sum()) for n in quants)
+                        / max(1, sum(frozen[n].numel() for n in quants)))
     return {"steps": steps, "lr": lr, "lr_weights": lr_weights, "integers_changed": flipped, "batch": batch,
             "train_norms": train_norms,
             "val_kld_before": first, "val_kld_after": best,
