@@ -92,6 +92,48 @@ def test_prune_per_layer_widths_meet_budget():
     assert widths[0] == min(widths) and len(set(widths)) > 1 and not m.is_uniform()
 
 
+def test_obs_cut_is_the_least_squares_fit_and_beats_plain_cutting():
+    from edgekit.passes.prune import obs_mlp_cut
+
+    rng = np.random.default_rng(3)
+    # correlated activations: some channels nearly copy others, so re-solving the kept columns pays
+    base = rng.normal(size=(4000, 48))
+    acts = np.concatenate([base, base[:, :16] + 0.05 * rng.normal(size=(4000, 16))], 1)
+    W = rng.normal(size=(24, 64))
+    G = acts.T @ acts / len(acts)
+    cut, W_kept = obs_mlp_cut(W, G, 16, damp=0.0)
+    keep = np.setdiff1d(np.arange(64), cut)
+    assert len(cut) == 16 and W_kept.shape == (24, 48)
+    # the kept columns are exactly what least squares on the calibration activations gives
+    lstsq = np.linalg.lstsq(acts[:, keep], acts @ W.T, rcond=None)[0].T
+    np.testing.assert_allclose(W_kept, lstsq, rtol=1e-5, atol=1e-6)
+
+    def err(cols, Wk):
+        return float(((acts @ W.T - acts[:, cols] @ Wk.T) ** 2).mean())
+
+    # against the activation-energy ranking with the columns left as they were
+    energy = np.diag(G) * (W ** 2).sum(0)
+    plain_keep = np.sort(np.argsort(energy)[16:])
+    assert err(keep, W_kept) < 0.2 * err(plain_keep, W[:, plain_keep])
+    # OBS takes mostly the near-duplicates (their information survives in the twins)
+    assert np.isin(cut, np.r_[0:16, 48:64]).mean() > 0.9
+
+
+def test_prune_compensate_keeps_widths_and_lowers_output_error():
+    from edgekit.passes.prune import PrunePass
+
+    m = tiny_model(intermediate_size=256)
+    out = {}
+    for comp in (False, True):
+        pruned = copy_model(m)
+        # enough calibration tokens for the 256-channel least-squares fit not to overfit
+        rec = PrunePass(mlp=0.25, compensate=comp).apply(pruned, PassContext(calibration_tokens=lambda: calib_seqs(16, 256)))
+        assert {pruned.layer_widths(i)["intermediate"] for i in range(m.spec.num_layers)} == {192}
+        out[comp] = float(((logits(pruned, IDS) - logits(m, IDS)) ** 2).mean())
+    assert "surgeon" in rec["saliency"]
+    assert out[True] < 0.9 * out[False], out
+
+
 def test_lowrank_full_rank_reproduces_dense_layer():
     from edgekit.passes.lowrank import factorize, whitening
 

@@ -55,6 +55,32 @@ def head_scores(model: Model, grams: dict) -> list[np.ndarray]:
     return out
 
 
+def obs_mlp_cut(down: np.ndarray, gram: np.ndarray, cut: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Channels to remove from one MLP and the down projection that best makes up for them.
+
+    Optimal brain surgeon over whole input columns of the down projection (ZipLM / SlimGPT): with
+    H the second moment of its input, removing channel j costs ||W[:, j]||^2 / [H^-1]_jj in output
+    energy once the other columns are re-solved by least squares; the cheapest goes first, and W and
+    H^-1 are updated in closed form. The returned weight (the kept columns only) is the least-squares
+    fit of the full layer's output from the kept channels on the calibration data.
+    """
+    W = down.astype(np.float64).copy()
+    H = gram.astype(np.float64).copy()
+    H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H))) + 1e-12
+    Hinv = np.linalg.inv(H)
+    alive = np.ones(W.shape[1], bool)
+    removed = []
+    for _ in range(cut):
+        d = np.diag(Hinv)
+        cost = np.where(alive, (W ** 2).sum(0) / np.maximum(d, 1e-30), np.inf)
+        j = int(np.argmin(cost))
+        W -= np.outer(W[:, j], Hinv[j]) / Hinv[j, j]
+        Hinv -= np.outer(Hinv[:, j], Hinv[j]) / Hinv[j, j]
+        alive[j] = False
+        removed.append(j)
+    return np.sort(np.array(removed, np.int64)), W[:, alive].astype(down.dtype)
+
+
 def _round(n: float) -> int:
     return int(ALIGN * round(n / ALIGN))
 
@@ -144,7 +170,7 @@ class PrunePass(Pass):
     needs_calibration = True
     structural = True
     order = 10  # pruning ranks channels of the full-width model
-    param_types = {"mlp": float, "heads": float, "recover": int, "lr": float, "uniform": bool}
+    param_types = {"mlp": float, "heads": float, "recover": int, "lr": float, "uniform": bool, "compensate": bool}
     param_ranges = {"mlp": (0.0, 1.0, "[)"), "heads": (0.0, 1.0, "[)"), "recover": (0, 1_000_000, "[]"), "lr": (0.0, 1.0, "(]")}
 
     @classmethod
@@ -178,9 +204,21 @@ class PrunePass(Pass):
             [np.array([], np.int64)] * model.spec.num_layers
         head_cut = choose_heads(head_scores(model, grams), model.spec.num_kv_heads, heads) if heads else \
             [np.array([], np.int64)] * model.spec.num_layers
-        del grams
         record: dict[str, Any] = {"pass": self.name, "mlp": mlp, "heads": heads, "uniform": uniform,
                                   "saliency": "activation-weighted (E[a^2] * ||W_out column||^2)"}
+        if mlp and self.params.get("compensate", False):
+            # choose by OBS and re-solve each down projection from its kept channels, cut now; recovery then
+            # trains the smaller model (nothing left to fade)
+            downs = {}
+            for i, c in enumerate(mlp_cut):
+                name = L.linear(i, L.DOWN) + ".weight"
+                mlp_cut[i], downs[i] = obs_mlp_cut(model.tensors[name], grams[L.input_key(L.linear(i, L.DOWN))].numpy(), len(c))
+            remove(model, mlp_cut, [np.array([], np.int64)] * model.spec.num_layers)
+            for i, w in downs.items():
+                model.tensors[L.linear(i, L.DOWN) + ".weight"] = np.ascontiguousarray(w)
+            mlp_cut = [np.array([], np.int64)] * model.spec.num_layers
+            record["saliency"] = "optimal brain surgeon on the down projection, kept columns re-solved by least squares"
+        del grams
         if steps > 0:
             teacher = ctx.reference if ctx.reference is not None else model
             wins = recovery_windows(seqs)
