@@ -145,6 +145,8 @@ def _draft_for(target: Path, out: Path, recipe: Optional[str], force: bool, cali
 
 DRAFT_HELP = ("Decode speculatively: 'prompt-lookup' (n-grams of the prompt) or a smaller artifact of the same "
               "tokenizer (e.g. a pruned or lower-bit one); greedy output is unchanged.")
+BATCH_INVARIANT_HELP = ("Decode in steps of an even number of rows (GGUF / ONNX decoders) so that greedy output is the same "
+                        "with and without --draft, bit for bit; costs about a second row per plain decode step.")
 KV_TYPE_HELP = "KV-cache storage: f16 (llama.cpp's default), q8_0 or q4_0 (llama.cpp, with flash attention)."
 
 
@@ -157,6 +159,7 @@ def run(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     draft: Optional[str] = typer.Option(None, "--draft", help=DRAFT_HELP),
     kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_TYPE_HELP),
+    batch_invariant: bool = typer.Option(False, "--batch-invariant", help=BATCH_INVARIANT_HELP),
     stats: bool = typer.Option(False, "--stats", help="Print decode speed (and the draft's acceptance) to stderr."),
 ) -> None:
     """Stream a reply from an artifact."""
@@ -165,6 +168,8 @@ def run(
     import edgekit
 
     opts = {k: v for k, v in (("draft", draft), ("kv_type", kv_type)) if v is not None}
+    if batch_invariant:
+        opts["batch_invariant"] = True
     with edgekit.load(artifact, **opts) as session:
         t0 = time.perf_counter()
         for piece in session.generate(prompt, max_tokens=max_tokens, stream=True, temperature=temperature, chat=not raw):
@@ -209,6 +214,7 @@ def profile(
                                                "to the device's GPU (-1: all)."),
     draft: Optional[str] = typer.Option(None, "--draft", help=DRAFT_HELP),
     kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_TYPE_HELP),
+    batch_invariant: bool = typer.Option(False, "--batch-invariant", help=BATCH_INVARIANT_HELP),
 ) -> None:
     """Measure load time, TTFT, prefill and decode speed, peak memory, size and quality on this machine or a device."""
     from edgekit.harness.speed import SpeedConfig
@@ -222,8 +228,10 @@ def profile(
     with progress_bars(not json_out) as progress:
         cfg = SpeedConfig(reps=reps, decode_tokens=decode_tokens, **({"prompt_tokens": prompt_tokens} if prompt_tokens else {}))
         cfg.session_options.update({k: v for k, v in (("draft", draft), ("kv_type", kv_type)) if v is not None})
+        if batch_invariant:
+            cfg.session_options["batch_invariant"] = True
         if device and cfg.session_options:
-            raise typer.BadParameter("--draft and --kv-type are for local profiles")
+            raise typer.BadParameter("--draft, --kv-type and --batch-invariant are for local profiles")
         if device:
             from edgekit.agent.remote import profile_on_device
 

@@ -71,6 +71,9 @@ def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = T
     An artifact directory's files must have the sizes its manifest lists; ``verify=True`` compares their
     sha256 too (a flipped byte is refused in one line; digests are remembered per path, size and mtime).
 
+    ``batch_invariant=True``: every decode step runs an even number of rows, so greedy output is the same bit for
+    bit with and without a draft (see :class:`edgekit.runtimes.TextSession`).
+
     ``draft``: decode speculatively (:mod:`edgekit.runtimes.speculative`) with "prompt-lookup" or a smaller
     artifact of the same tokenizer; greedy output is unchanged, only faster when the draft is often right.
     """
@@ -81,7 +84,13 @@ def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = T
         from edgekit.memory_fit import guard
 
         guard(file, rt, options.get("n_ctx"), max_memory, options.get("kv_type"))
+    invariant = bool(options.pop("batch_invariant", False))
     session = rt.open(file, **options)
+    if invariant:
+        if not hasattr(session, "_spec_feed"):
+            session.close()
+            raise InputError(f"{rt.name} sessions have no batch-invariant decoding", "drop batch_invariant, or use a GGUF or ONNX decoder")
+        session.batch_invariant = True
     if draft is not None:
         try:  # the draft opens with the target's context and threads (its own runtime's defaults otherwise)
             shared = {k: options[k] for k in ("n_ctx", "n_threads") if k in options}

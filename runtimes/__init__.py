@@ -86,6 +86,31 @@ class TextSession(SessionLifetime):
     _drafter = None
     last_speculation: dict[str, Any] | None = None
 
+    # Batch-invariant decoding (``batch_invariant=True`` at open). Both runtimes' int4 matmul kernels give a
+    # row other numbers when it is alone in a step than in a batch (llama.cpp: one row vs two or more; ONNX
+    # Runtime's MatMulNBits: odd vs even row counts; measured on the embedded model, logits apart by up to
+    # 1-2), so a speculative step that verifies k drafts at once can pick another greedy token than one
+    # token at a time would. With it on, every step after the prompt runs an even number of rows (the token
+    # before them is run again, its cached position recomputed, when the count is odd) and returns all their
+    # logits, so plain and speculative decoding see the same numbers for every position. A one-token step
+    # costs about a second row.
+    batch_invariant = False
+    _rerun_always = False
+    _history: list[int]
+
+    def _even_rows(self, ids: Sequence[int]) -> tuple[list[int], int]:
+        """``ids`` to run now, and how many leading rows are a re-run of cached positions (0 or 1)."""
+        ids = list(ids)
+        if not self.batch_invariant or self._n_past == 0:
+            return ids, 0
+        rerun = (1 if len(ids) % 2 else 2) if self._rerun_always else len(ids) % 2
+        rerun = min(rerun, self._n_past)
+        if not rerun:
+            return ids, 0
+        prev = self._history[self._n_past - rerun : self._n_past]
+        self._spec_truncate(self._n_past - rerun)
+        return prev + ids, rerun
+
     def use_draft(self, draft: Any, **load_options: Any) -> None:
         """Decode speculatively from now on: ``draft`` is "prompt-lookup" (n-grams of the prompt and the output),
         an artifact of the same tokenizer (opened with ``load_options``), an open session, or None (stop).

@@ -53,7 +53,7 @@ class LlamaCppSession(TextSession):
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, vocab_only: bool = False, n_gpu_layers: int = 0, kv_type: str | None = None,
-                 flash_attn: bool | None = None):
+                 flash_attn: bool | None = None, batch_invariant: bool = False):
         llama_cpp = _llama_cpp()
         self._lib = llama_cpp
         kv_type = kv_type or "f16"
@@ -91,6 +91,8 @@ class LlamaCppSession(TextSession):
         self._batch = None
         self._drafter = None
         self._n_past = 0  # positions in the KV cache (the low-level paths below keep it)
+        self._history: list[int] = []  # the token at each cached position
+        self.batch_invariant = bool(batch_invariant)
         self._one = (llama_cpp.llama_token * 1)()
 
     # ------------------------------------------------------------------ text
@@ -135,6 +137,7 @@ class LlamaCppSession(TextSession):
         self._llm.reset()
         self._lib.llama_memory_clear(self._llm._ctx.memory, True)
         self._n_past = 0
+        self._history = []
 
     def _decode(self, ids: Sequence[int], all_logits: bool = False) -> None:
         """Run ``ids`` after the cached positions, in chunks of n_batch; logits kept for the last position
@@ -162,6 +165,7 @@ class LlamaCppSession(TextSession):
                 raise InputError(f"llama.cpp could not decode ({'no room in the KV cache' if rc == 1 else f'code {rc}'})",
                                  "open the session with a larger n_ctx")
             self._n_past += len(chunk)
+            self._history.extend(chunk)
 
     def _sampler(self, temperature: float, top_p: float, seed: int | None):
         """The C sampler chain: greedy, or top-k 40, temperature, then the nucleus top_p (the order every edgekit
@@ -213,10 +217,14 @@ class LlamaCppSession(TextSession):
                 yield tok
                 if n + 1 >= max_tokens:
                     return
+                if self.batch_invariant:  # two rows, every logit kept: the sampler reads the last one
+                    self._decode(self._even_rows([tok])[0], all_logits=True)
+                    continue
                 self._one[0] = tok
                 if lib.llama_decode(ctx, lib.llama_batch_get_one(self._one, 1)) != 0:
                     raise InputError("llama.cpp could not decode (no room in the KV cache)", "open the session with a larger n_ctx")
                 self._n_past += 1
+                self._history.append(tok)
         finally:
             lib.llama_sampler_free(chain)
 
@@ -226,18 +234,22 @@ class LlamaCppSession(TextSession):
         self._clear()
 
     def _spec_feed(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        every = all_logits or (self.batch_invariant and self._n_past > 0)
+        ids, rerun = self._even_rows(ids)
         n = len(ids)
-        if all_logits and n > self._llm.n_batch:
+        if every and n > self._llm.n_batch:
             raise InputError(f"{n} draft tokens exceed the batch of {self._llm.n_batch}", "draft fewer tokens")
-        self._decode(ids, all_logits=all_logits)
-        rows = n if all_logits else 1
+        self._decode(ids, all_logits=every)
+        rows = n if every else 1
         got = np.ctypeslib.as_array(self._lib.llama_get_logits(self._llm._ctx.ctx), shape=(rows * self.n_vocab,))
-        return got.reshape(rows, self.n_vocab).copy()
+        got = got.reshape(rows, self.n_vocab)[rerun:]
+        return (got if all_logits else got[-1:]).copy()
 
     def _spec_truncate(self, n_past: int) -> None:
         if n_past < self._n_past:
             self._lib.llama_memory_seq_rm(self._llm._ctx.memory, 0, n_past, -1)
         self._n_past = min(self._n_past, n_past)
+        del self._history[self._n_past:]
 
     # ------------------------------------------------------------------ scoring
 
@@ -271,7 +283,7 @@ class LlamaCppSession(TextSession):
         """A second session over the same file: llama.cpp memory-maps the weights, so the pages are shared
         and each sibling adds only its KV cache and compute buffers."""
         return LlamaCppSession(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self._llm.n_batch,
-                               kv_type=self.kv_type, flash_attn=self.flash_attn)
+                               kv_type=self.kv_type, flash_attn=self.flash_attn, batch_invariant=self.batch_invariant)
 
     def close(self) -> None:
         self.close_draft()

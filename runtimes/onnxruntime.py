@@ -70,11 +70,15 @@ class OnnxRuntimeSession(TokenizerJsonSession):
     """A loaded ONNX decoder: generation (optionally streamed), raw logits, chat formatting."""
 
     runtime = "onnxruntime"
+    _rerun_always = True
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
                  vocab_only: bool = False, graph_optimization_level: str = "all", enable_profiling: bool = False,
-                 profile_prefix: str | None = None, seed: int | None = None, kv_type: str | None = None, _shared=None):
+                 profile_prefix: str | None = None, seed: int | None = None, kv_type: str | None = None,
+                 batch_invariant: bool = False, _shared=None):
         self.path = str(path)
+        self.batch_invariant = bool(batch_invariant)
+        self._history: list[int] = []  # the token at each cached position
         if kv_type not in (None, "f32"):
             raise InputError(f"ONNX Runtime sessions keep the KV cache in float32, not {kv_type}",
                              "drop kv_type, or use a GGUF artifact (llama.cpp stores q8_0 / q4_0 caches)")
@@ -156,6 +160,7 @@ class OnnxRuntimeSession(TokenizerJsonSession):
 
     def reset(self) -> None:
         self._n_past = 0  # the buffers stay; positions beyond seqlens_k are never read
+        self._history = []
 
     def _step(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
         """Run ``ids`` after the cached positions; extend the cache in place; return logits
@@ -178,6 +183,7 @@ class OnnxRuntimeSession(TokenizerJsonSession):
             why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise InputError(f"ONNX Runtime failed running {self.path} ({why})", "re-export the model with edgekit") from None
         self._n_past = total
+        self._history.extend(int(t) for t in ids)
         return self._logits[0].copy()
 
     # ------------------------------------------------------------------ speculative decoding (runtimes/speculative.py)
@@ -187,12 +193,17 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         self.reset()
 
     def _spec_feed(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
-        out = self._forward(ids, keep="all" if all_logits else "last")
-        return out if all_logits else out[None, :]
+        every = all_logits or (self.batch_invariant and self._n_past > 0)
+        ids, rerun = self._even_rows(ids)
+        out = self._forward(ids, keep="all" if every else "last")
+        if not every:
+            return out[None, :]
+        return out[rerun:] if all_logits else out[-1:]
 
     def _spec_truncate(self, n_past: int) -> None:
         # positions past seqlens_k are never read and the next step overwrites them in place
         self._n_past = min(self._n_past, n_past)
+        del self._history[self._n_past:]
 
     # ------------------------------------------------------------------ lifetime
 
@@ -200,7 +211,7 @@ class OnnxRuntimeSession(TokenizerJsonSession):
         """A second session over the same weights: it shares this one's InferenceSession."""
         self._need_session()
         return OnnxRuntimeSession(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
-                                  _shared=self._sess)
+                                  batch_invariant=self.batch_invariant, _shared=self._sess)
 
     def end_profiling(self) -> str | None:
         """Stop ORT's profiler (opened with ``enable_profiling=True``); the JSON trace's path."""

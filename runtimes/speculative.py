@@ -38,7 +38,7 @@ class SpecTarget(Protocol):
     n_vocab: int
 
     def _spec_reset(self) -> None: ...
-    def _spec_feed(self, ids: Sequence[int]) -> np.ndarray: ...
+    def _spec_feed(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray: ...
     def _spec_truncate(self, n_past: int) -> None: ...
 
 
@@ -205,7 +205,8 @@ def speculative_stream(target: SpecTarget, drafter: Drafter, prompt_ids: Sequenc
         raise InputError("the prompt is empty", "pass at least one token")
     target._spec_reset()
     drafter.start(ids)
-    last = target._spec_feed(ids)[-1]  # the target's logits after the whole prompt
+    # the target's logits after the whole prompt, computed as plain decoding computes them (last row only)
+    last = target._spec_feed(ids, all_logits=False)[-1]
     context = list(ids)  # committed tokens; the target's cache holds all but ``pending``
 
     def pick(logits: np.ndarray) -> int:

@@ -210,7 +210,7 @@ class TokenizerJsonSession(TextSession):
             yield tok
             if n + 1 >= max_tokens:
                 return
-            last = self._step([tok], all_logits=False)[-1]
+            last = self._spec_feed([tok])[-1] if self.batch_invariant else self._step([tok], all_logits=False)[-1]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits for every position of ``token_ids`` (shape [n, vocab], float32)."""

@@ -13,7 +13,7 @@ from edgekit.converters.gguf import GGUFExporter
 from edgekit.converters.onnx import ONNXExporter
 from edgekit.errors import InputError, OutputExistsError
 from edgekit.passes import PassContext
-from edgekit.passes.rtn import Q8_0Pass
+from edgekit.passes.rtn import Q4_0Pass, Q8_0Pass
 from edgekit.runtimes.speculative import (AdaptiveK, PromptLookupDrafter, SpecStats, probabilities,
                                           speculative_stream)
 from tests.conftest import tiny_model
@@ -61,6 +61,36 @@ def test_greedy_tokens_are_identical_with_any_draft(models, fmt, draft):
             assert st["emitted"] == 48 and st["rounds"] < 48 or st["drafted"] == 0
         if draft == "q8":  # a quantized copy of the same weights agrees with the target most of the time
             assert spec.last_speculation["acceptance_rate"] > 0.5, spec.last_speculation
+
+
+@pytest.fixture(scope="module")
+def int4_targets(tmp_path_factory):
+    """A 4-bit tiny target per format: the weights whose kernels depend on a step's row count."""
+    root = tmp_path_factory.mktemp("spec-int4")
+    m = tiny_model(intermediate_size=256)
+    Q4_0Pass().apply(m, PassContext())
+    return {fmt: _export(m, root / fmt, fmt) for fmt in ("gguf", "onnx")}
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_batch_invariant_steps_give_every_position_the_same_logits(int4_targets, fmt):
+    rng = np.random.default_rng(0)
+    prompt, seq = [int(t) for t in rng.integers(5, 250, 37)], [int(t) for t in rng.integers(5, 250, 24)]
+    with edgekit.load(int4_targets[fmt], n_ctx=256, batch_invariant=True) as s:
+        by_chunk = {}
+        for chunk in (1, 2, 3, 5, 24):
+            s._spec_reset()
+            s._spec_feed(prompt, all_logits=False)
+            by_chunk[chunk] = np.concatenate([s._spec_feed(seq[i:i + chunk]) for i in range(0, len(seq), chunk)])
+            assert s._n_past == len(prompt) + len(seq) and s._history == prompt + seq
+        for chunk, rows in by_chunk.items():
+            assert rows.shape == (len(seq), s.n_vocab)
+            np.testing.assert_array_equal(rows, by_chunk[1], err_msg=f"chunks of {chunk}")
+        # plain greedy decoding in this mode runs the same steps: its tokens are speculation's
+        want = list(s.stream_tokens(prompt, 40, ignore_eos=True))
+        s.use_draft("prompt-lookup")
+        assert list(s.stream_tokens(prompt, 40, ignore_eos=True)) == want
+        assert s.sibling().batch_invariant
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "onnx"])
