@@ -11,6 +11,8 @@ a child process, between the Python rows) so that slow phases of a shared machin
 - raw llama-cpp-python on Q4_0 (``Llama.generate``, greedy), as an app using the binding would;
 - edgekit's GGUF session on Q4_0 (C API loop), flash attention off and on;
 - edgekit's ONNX int4 session, and int4 with the output head at 4 bits too (recipe int4-head4);
+- batch-invariant (``batch_invariant=True``) GGUF and ONNX sessions, plain and with prompt lookup / the draft: greedy
+  output identical with and without a draft by construction, at the cost of a second row per plain step;
 - speculative: each edgekit session with prompt lookup; the Q4_0 GGUF with the draft `edgekit convert --draft-for`
   makes for it (layers dropped and distilled; built into --out once); the Q8_0 GGUF drafted by its own Q4_0.
 
@@ -148,6 +150,8 @@ def main() -> None:
         "edgekit gguf q4_0 +fa": edgekit.load(arts["q4_0-gguf"], n_ctx=1024, flash_attn=True),
         "edgekit onnx int4": edgekit.load(arts["int4-onnx"], n_ctx=1024),
         "edgekit gguf q8_0": edgekit.load(arts["q8_0-gguf"], n_ctx=1024),
+        "edgekit gguf q4_0, batch-invariant": edgekit.load(arts["q4_0-gguf"], n_ctx=1024, batch_invariant=True),
+        "edgekit onnx int4, batch-invariant": edgekit.load(arts["int4-onnx"], n_ctx=1024, batch_invariant=True),
     }
     if "int4h4-onnx" in arts:
         sessions["edgekit onnx int4, 4-bit head"] = edgekit.load(arts["int4h4-onnx"], n_ctx=1024)
@@ -157,6 +161,14 @@ def main() -> None:
         "edgekit gguf q4_0 + edgekit draft": (edgekit.load(arts["q4_0-gguf"], n_ctx=1024, draft=arts["draft-q4_0-gguf"]), "edgekit gguf q4_0"),
         "edgekit gguf q8_0 + q4_0 draft": (edgekit.load(arts["q8_0-gguf"], n_ctx=1024, draft=arts["q4_0-gguf"]), "edgekit gguf q8_0"),
     }
+    # batch-invariant sessions: greedy output the same with and without a draft by construction; compared with
+    # their own plain mode ("x same without draft") and with the faster default plain mode ("x default plain")
+    for fmt, art, base in (("gguf q4_0", "q4_0-gguf", "edgekit gguf q4_0"), ("onnx int4", "int4-onnx", "edgekit onnx int4")):
+        spec[f"edgekit {fmt} + prompt lookup, batch-invariant"] = (
+            edgekit.load(arts[art], n_ctx=1024, draft="prompt-lookup", batch_invariant=True), f"{base}, batch-invariant")
+    spec["edgekit gguf q4_0 + edgekit draft, batch-invariant"] = (
+        edgekit.load(arts["q4_0-gguf"], n_ctx=1024, draft=arts["draft-q4_0-gguf"], batch_invariant=True),
+        "edgekit gguf q4_0, batch-invariant")
     raw = llama_cpp.Llama(model_path=str(arts["q4_0-gguf"]), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
     any_s = sessions["edgekit gguf q4_0"]
     prompts = {"open-ended": OPEN_ENDED, "input-grounded": grounded_prompt()}
@@ -165,7 +177,8 @@ def main() -> None:
     accept: dict[str, dict[str, list[dict]]] = {p: {} for p in prompts}
     identical: dict[str, dict[str, bool]] = {p: {} for p in prompts}
     path_of = {"edgekit gguf q4_0": arts["q4_0-gguf"], "edgekit gguf q4_0 +fa": arts["q4_0-gguf"],
-               "edgekit onnx int4": arts["int4-onnx"],
+               "edgekit onnx int4": arts["int4-onnx"], "edgekit onnx int4, batch-invariant": arts["int4-onnx"],
+               "edgekit gguf q4_0, batch-invariant": arts["q4_0-gguf"],
                "edgekit gguf q8_0": arts["q8_0-gguf"], "edgekit onnx int4, 4-bit head": arts.get("int4h4-onnx"),
                "raw llama-cpp-python q4_0": arts["q4_0-gguf"],
                "llama-bench q4_0": arts["q4_0-gguf"], "llama-bench q4_0 +fa": arts["q4_0-gguf"]}
@@ -202,8 +215,8 @@ def main() -> None:
         ref = statistics.median(rates[p]["llama-bench q4_0"]) if "llama-bench q4_0" in rates[p] else \
             statistics.median(rates["open-ended"].get("llama-bench q4_0", [float("nan")]))
         t = Table(title=f"{p} prompt ({len(ids[p])} tokens), {n} tokens decoded, {threads} threads, median of {args.rounds} rounds")
-        for c in ("row", "tok/s", "x llama-bench q4_0", "x same without draft", "acceptance", "tokens / target step",
-                  "identical greedy", "roofline"):
+        for c in ("row", "tok/s", "x llama-bench q4_0", "x same without draft", "x default plain", "acceptance",
+                  "tokens / target step", "identical greedy", "roofline"):
             t.add_column(c)
         out = {}
         for name, vals in rates[p].items():
@@ -214,6 +227,7 @@ def main() -> None:
                    "roofline_fraction": roofline(path_of[name], med, 0 if name.startswith("llama-bench") else ctx, bw)}
             if base:
                 rec["vs_no_draft"] = med / statistics.median(rates[p][base])
+                rec["vs_default_plain"] = med / statistics.median(rates[p][base.removesuffix(", batch-invariant")])
                 rec["acceptance_rate"] = statistics.mean(a["acceptance_rate"] or 0 for a in acc)
                 rec["tokens_per_target_step"] = statistics.mean(a["tokens_per_target_step"] or 0 for a in acc)
                 rec["identical_greedy"] = identical[p][name]
@@ -221,7 +235,8 @@ def main() -> None:
                 rec["roofline_fraction"] /= max(1.0, rec["tokens_per_target_step"])
             out[name] = rec
             t.add_row(name, f"{med:.1f}", f"{rec['vs_llama_bench']:.2f}" if rec["vs_llama_bench"] else "-",
-                      f"{rec['vs_no_draft']:.2f}" if base else "", f"{rec['acceptance_rate']:.0%}" if base else "",
+                      f"{rec['vs_no_draft']:.2f}" if base else "", f"{rec['vs_default_plain']:.2f}" if base else "",
+                      f"{rec['acceptance_rate']:.0%}" if base else "",
                       f"{rec['tokens_per_target_step']:.2f}" if base else "", str(rec["identical_greedy"]) if base else "",
                       f"{rec['roofline_fraction']:.0%}")
         console.print(t)
