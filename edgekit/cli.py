@@ -373,6 +373,7 @@ def serve(
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may take to arrive (408 after)."),
     draft: Optional[str] = typer.Option(None, "--draft", help=DRAFT_HELP),
     kv_type: Optional[str] = typer.Option(None, "--kv-type", help=KV_TYPE_HELP),
+    batch_invariant: bool = typer.Option(False, "--batch-invariant", help=BATCH_INVARIANT_HELP),
 ) -> None:
     """Serve artifacts behind an OpenAI-compatible API (chat, completions, embeddings, metrics)."""
     from edgekit.serve import ServeConfig, announce
@@ -380,7 +381,7 @@ def serve(
 
     run_server(ServeConfig(list(artifacts), host, port, api_key, parallel, queue, n_ctx, threads, max_tokens, max_body,
                            max_memory, not no_memory_check, insecure, list(name), verify=not no_verify, body_timeout_s=body_timeout,
-                           draft=draft, kv_type=kv_type), ready=announce)
+                           draft=draft, kv_type=kv_type, batch_invariant=batch_invariant), ready=announce)
 
 
 @app.command()

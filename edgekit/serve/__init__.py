@@ -36,6 +36,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # a request body must arrive within this
     draft: str | None = None  # decoders decode speculatively with this draft ("prompt-lookup" or an artifact)
     kv_type: str | None = None  # llama.cpp KV-cache type (f16, q8_0, q4_0)
+    batch_invariant: bool = False  # decoders: the same greedy text with and without a draft (see TextSession)
 
 
 def _is_loopback(host: str) -> bool:
@@ -95,6 +96,14 @@ def open_pools(cfg: ServeConfig, metrics):
             sessions = [first]
             for _ in range(cfg.parallel - 1 if kind == "decoder" else 0):
                 sessions.append(first.sibling() or rt.open(file, **opts))
+            if kind == "decoder" and cfg.batch_invariant:
+                if not hasattr(first, "_spec_feed"):
+                    for sess in sessions:
+                        sess.close()
+                    raise InputError(f"{rt.name} sessions have no batch-invariant decoding ({file.name})",
+                                     "drop --batch-invariant, or serve GGUF / ONNX decoders")
+                for sess in sessions:
+                    sess.batch_invariant = True
             if kind == "decoder" and cfg.draft:  # each session drafts with its own draft cache
                 for sess in sessions:
                     sess.use_draft(cfg.draft, n_threads=threads, check_memory=False,
