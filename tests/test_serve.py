@@ -310,3 +310,31 @@ def test_bad_invocations_fail_in_one_line(tiny_artifacts, tmp_path):
     r = run_cli("serve", str(tiny_artifacts[0]), "--port", "0", "--max-memory", "1MB")
     assert r.returncode == 2 and "needs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
+
+
+def test_batch_invariant_serving_with_a_draft_answers_the_plain_greedy_text(tmp_path):
+    """Plumbing: the flag reaches the sessions and serving still answers what ``load`` decodes (the tiny model has no
+    near-ties, so the kernels' row-count effect itself is tested in test_speculative)."""
+    import edgekit
+    from tests.conftest import tiny_model
+
+    from edgekit.converters.gguf import GGUFExporter
+    from edgekit.passes import PassContext
+    from edgekit.passes.rtn import Q4_0Pass
+
+    m = tiny_model(intermediate_size=256)
+    Q4_0Pass().apply(m, PassContext())
+    (tmp_path / "q4").mkdir()
+    GGUFExporter().export(m, tmp_path / "q4")
+    prompt = "The capital of France is Paris, and the capital of Italy is Rome. The capital of France is"
+    with edgekit.load(tmp_path / "q4", n_ctx=512, batch_invariant=True) as s:
+        want = s.generate(prompt, max_tokens=40)
+    proc, base = _start([str(tmp_path / "q4"), "--n-ctx", "512", "--batch-invariant", "--draft", "prompt-lookup"],
+                        tmp_path / "serve.log")
+    try:
+        body = json.dumps({"model": "q4", "prompt": prompt, "max_tokens": 40, "temperature": 0}).encode()
+        status, _, raw = _raw(base, "/v1/completions", body, key=None)
+        assert status == 200, raw
+        assert json.loads(raw)["choices"][0]["text"] == want
+    finally:
+        _stop(proc)
