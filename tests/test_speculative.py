@@ -208,3 +208,11 @@ def test_draft_for_builds_candidates_measures_them_and_keeps_the_fastest(tmp_pat
         build_draft(tmp_path / "src", tmp_path / "d2", recipes)
     with pytest.raises(OutputExistsError, match="exists and is not empty"):
         build_draft(tmp_path / "target", tmp_path / "draft", recipes)
+
+
+def test_batch_invariant_is_refused_in_one_line_where_a_runtime_has_none(tmp_path):
+    from tests.test_targets import build_tiny_encoder
+
+    enc = build_tiny_encoder(tmp_path / "bert", tmp_path / "enc")[1]
+    with pytest.raises(InputError, match="no batch-invariant decoding"):
+        edgekit.load(enc, batch_invariant=True)
