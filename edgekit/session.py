@@ -56,6 +56,17 @@ def artifact_kind(path: str | Path) -> str:
     return runtime_of(file, named).kind(file)
 
 
+def make_batch_invariant(sessions: list[Any], runtime: str) -> None:
+    """Switch open decoder sessions to batch-invariant decoding; closes them and raises in one line when their
+    runtime has none."""
+    if not all(hasattr(s, "_spec_feed") for s in sessions):
+        for s in sessions:
+            s.close()
+        raise InputError(f"{runtime} sessions have no batch-invariant decoding", "drop batch_invariant, or use a GGUF or ONNX decoder")
+    for s in sessions:
+        s.batch_invariant = True
+
+
 def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = True,
          max_memory: int | str | None = None, verify: bool = False, **options: Any):
     """Open the artifact at ``path`` (directory or model file) with ``runtime`` (default: the one its manifest
@@ -87,10 +98,7 @@ def load(path: str | Path, runtime: str | None = None, *, check_memory: bool = T
     invariant = bool(options.pop("batch_invariant", False))
     session = rt.open(file, **options)
     if invariant:
-        if not hasattr(session, "_spec_feed"):
-            session.close()
-            raise InputError(f"{rt.name} sessions have no batch-invariant decoding", "drop batch_invariant, or use a GGUF or ONNX decoder")
-        session.batch_invariant = True
+        make_batch_invariant([session], rt.name)
     if draft is not None:
         try:  # the draft opens with the target's context and threads (its own runtime's defaults otherwise)
             shared = {k: options[k] for k in ("n_ctx", "n_threads") if k in options}

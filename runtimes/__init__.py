@@ -90,16 +90,18 @@ class TextSession(SessionLifetime):
     # row other numbers when it is alone in a step than in a batch (llama.cpp: one row vs two or more; ONNX
     # Runtime's MatMulNBits: odd vs even row counts; measured on the embedded model, logits apart by up to
     # 1-2), so a speculative step that verifies k drafts at once can pick another greedy token than one
-    # token at a time would. With it on, every step after the prompt runs an even number of rows (the token
-    # before them is run again, its cached position recomputed, when the count is odd) and returns all their
-    # logits, so plain and speculative decoding see the same numbers for every position. A one-token step
+    # token at a time would. With it on, every step after the prompt runs an even number of rows and returns
+    # all their logits, so plain and speculative decoding see the same numbers for every position. The rows
+    # added are the tokens before the step run again (their cached positions recomputed): one when the count
+    # is odd; in ONNX Runtime (``_rerun_always``) every step starts with one or two, because measured there a
+    # step that starts with a new token still differs from one that starts with a re-run. A one-token step
     # costs about a second row.
     batch_invariant = False
     _rerun_always = False
     _history: list[int]
 
     def _even_rows(self, ids: Sequence[int]) -> tuple[list[int], int]:
-        """``ids`` to run now, and how many leading rows are a re-run of cached positions (0 or 1)."""
+        """``ids`` to run now, and how many leading rows are a re-run of cached positions (0, 1 or 2)."""
         ids = list(ids)
         if not self.batch_invariant or self._n_past == 0:
             return ids, 0

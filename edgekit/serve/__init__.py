@@ -97,13 +97,9 @@ def open_pools(cfg: ServeConfig, metrics):
             for _ in range(cfg.parallel - 1 if kind == "decoder" else 0):
                 sessions.append(first.sibling() or rt.open(file, **opts))
             if kind == "decoder" and cfg.batch_invariant:
-                if not hasattr(first, "_spec_feed"):
-                    for sess in sessions:
-                        sess.close()
-                    raise InputError(f"{rt.name} sessions have no batch-invariant decoding ({file.name})",
-                                     "drop --batch-invariant, or serve GGUF / ONNX decoders")
-                for sess in sessions:
-                    sess.batch_invariant = True
+                from edgekit.session import make_batch_invariant
+
+                make_batch_invariant(sessions, rt.name)
             if kind == "decoder" and cfg.draft:  # each session drafts with its own draft cache
                 for sess in sessions:
                     sess.use_draft(cfg.draft, n_threads=threads, check_memory=False,
